@@ -1,0 +1,1 @@
+"""quantbench: an accuracy-vs-precision benchmarking harness for language models."""

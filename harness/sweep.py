@@ -1,0 +1,262 @@
+"""One grid point end to end: load, quantize, evaluate, record. Resume by config hash; failures isolated."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import quantizers
+from quantizers import QuantSpec, QuantSpecError
+
+from . import data, results
+from .errors import UserError
+from .metrics import divergence, memory, perplexity, speed
+from .models import load_model, resolve_device, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Point:
+    """A validated grid point: what decides its identity (and so resume) is `identity`."""
+
+    cfg: dict[str, Any]
+    spec: QuantSpec
+    device: str
+    dtype: torch.dtype
+    needs_calibration: bool
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        return {
+            "model": self.cfg["model"], "quant": self.spec.to_dict(), "eval": self.cfg["eval"],
+            "calib": self.cfg["calib"] if self.needs_calibration else None,
+            "seed": self.cfg["seed"], "dtype": str(self.dtype), "device": self.device,
+        }
+
+    @property
+    def run_id(self) -> str:
+        model = Path(str(self.cfg["model"]["name"])).name.removesuffix(".gguf").lower()
+        return f"{model}-{self.spec.label}-{results.config_hash(self.identity)}"
+
+    @property
+    def baseline_key(self) -> dict[str, Any]:
+        ev = self.cfg["eval"]
+        return {"model": self.cfg["model"], "seed": self.cfg["seed"], "dtype": str(self.dtype), "device": self.device,
+                "corpora": ev["corpora"], "seqlen": ev["seqlen"], "max_windows": ev["max_windows"],
+                "kl_topk": ev["kl_topk"]}
+
+
+def make_point(cfg: dict[str, Any]) -> Point:
+    """Validate a resolved config; every problem the user can fix raises UserError."""
+    q = cfg["quant"]
+    knobs = {k: v for k, v in q.items() if k not in ("method", "bits", "group_size", "sym", "quantize_lm_head")}
+    try:
+        quantizer = quantizers.get_quantizer(q["method"])
+        spec = QuantSpec(q["method"], q.get("bits"), q.get("group_size"), bool(q.get("sym", False)),
+                         bool(q.get("quantize_lm_head", False)), knobs)
+    except QuantSpecError as e:
+        raise UserError(str(e)) from None
+    _validate_eval(cfg["eval"])
+    device = resolve_device(cfg["device"])
+    return Point(cfg, spec, device, resolve_dtype(cfg["dtype"], device), quantizer.needs_calibration)
+
+
+def _validate_eval(ev: dict[str, Any]) -> None:
+    if not ev.get("corpora"):
+        raise UserError("eval.corpora is empty: name at least one corpus, e.g. eval.corpora=[pydoc]")
+    for key, low in (("seqlen", 2), ("kl_topk", 1)):
+        if not isinstance(ev.get(key), int) or ev[key] < low:
+            raise UserError(f"eval.{key}={ev.get(key)!r} must be an integer of at least {low}")
+    if ev.get("max_windows") is not None and (not isinstance(ev["max_windows"], int) or ev["max_windows"] < 1):
+        raise UserError(f"eval.max_windows={ev['max_windows']!r} must be a positive integer, or null for all")
+    for key in ("prompt_tokens", "decode_tokens", "repeats"):
+        if not isinstance(ev["speed"].get(key), int) or ev["speed"][key] < 1:
+            raise UserError(f"eval.speed.{key}={ev['speed'].get(key)!r} must be a positive integer")
+
+
+def run_point(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run (or resume past) one grid point and return its record."""
+    point = make_point(cfg)
+    path = results.runs_dir(Path(cfg["out_dir"])) / f"{point.run_id}.json"
+    done = results.read_record(path)
+    if done is not None and done.get("status") == "ok":
+        log.info("%s: already done, skipped (%s)", point.run_id, path)
+        return done
+    _seed_everything(cfg["seed"])
+    started_at, start = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
+    record: dict[str, Any] = {
+        "run_id": point.run_id, "status": "ok", "error": None, "config": cfg, "quant": point.spec.to_dict(),
+        "env": results.environment(point.device), "started_at": started_at,
+    }
+    try:
+        record.update(_evaluate(point))
+    except UserError:
+        raise
+    except Exception as e:  # isolate the failure: record it, let the sweep go on
+        log.error("%s failed: %s: %s", point.run_id, type(e).__name__, e)
+        record.update(status="failed", error={"type": type(e).__name__, "message": str(e),
+                                              "traceback": traceback.format_exc()})
+    record["duration_s"] = time.perf_counter() - start
+    results.write_json_atomic(path, record)
+    log.info("%s: %s, %.1f s, %s", point.run_id, record["status"], record["duration_s"], _headline(record))
+    return record
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _headline(record: dict[str, Any]) -> str:
+    m = record.get("metrics", {})
+    return ", ".join(f"{k} {v:.4g}" for k, v in m.items() if k.startswith(("ppl/", "kl/")) or k == "bits_per_weight")
+
+
+def _evaluate(point: Point) -> dict[str, Any]:
+    cfg, ev = point.cfg, point.cfg["eval"]
+    loaded = load_model(cfg["model"], point.dtype, point.device, cfg["seed"])
+    model, tokenizer = loaded.model, loaded.tokenizer
+    texts = {name: data.tokenize(tokenizer, data.load_corpus(name), "eval") for name in ev["corpora"]}
+    windows = {name: data.eval_windows(t.ids, ev["seqlen"], ev["max_windows"]) for name, t in texts.items()}
+    reference_path = Path(cfg["out_dir"]) / "baseline" / f"{results.config_hash(point.baseline_key)}.pt"
+    reference = _load_reference(reference_path, texts)
+    baseline_linears = list(quantizers.arch.target_linears(model, point.spec.quantize_lm_head))
+
+    if reference is None and not point.spec.is_baseline:
+        reference = {n: _quality_pass(model, w, None, ev["kl_topk"], f"baseline {n}") for n, w in windows.items()}
+        _save_reference(reference_path, reference, texts)
+        reference = {n: q.reference for n, q in reference.items()}
+    calib, calib_info = _calibration(point, tokenizer)
+
+    start = time.perf_counter()
+    quantizers.quantize(model, point.spec, calib, progress=True)
+    quant_time_s = time.perf_counter() - start
+
+    metrics: dict[str, float] = {"quant_time_s": quant_time_s}
+    per_sample: dict[str, list[float]] = {}
+    with memory.PeakMemory(torch.device(point.device)) as peak:
+        for name, w in windows.items():
+            ref = None if reference is None else reference[name]
+            quality = _quality_pass(model, w, ref, ev["kl_topk"], f"eval {name}")
+            metrics.update(quality.metrics(name))
+            per_sample.update(quality.per_sample(name))
+            if reference is None:  # the baseline point made the reference itself
+                _save_reference(reference_path, {name: quality}, {name: texts[name]}, merge=True)
+    metrics["peak_mem_bytes"] = peak.peak_bytes
+    metrics.update(_size_metrics(model, baseline_linears))
+    metrics.update(_speed_metrics(model, windows[ev["corpora"][0]][0], ev["speed"]))
+    return {
+        "model": loaded.info,
+        "data": {"eval": {n: {**t.describe(), "windows": windows[n].shape[0], "seqlen": ev["seqlen"]}
+                          for n, t in texts.items()}, "calib": calib_info},
+        "metrics": metrics,
+        "per_sample": per_sample,
+    }
+
+
+def _calibration(point: Point, tokenizer) -> tuple[Tensor | None, dict[str, Any] | None]:
+    if not point.needs_calibration:
+        return None, None
+    c = point.cfg["calib"]
+    text = data.tokenize(tokenizer, data.load_corpus(c["corpus"]), "calib")
+    samples = data.calibration_samples(text.ids, c["n_samples"], c["seqlen"], point.cfg["seed"])
+    return samples, {**text.describe(), "corpus": c["corpus"], "n_samples": c["n_samples"], "seqlen": c["seqlen"]}
+
+
+@dataclass
+class QualityResult:
+    nll_per_window: list[float]
+    kl_per_token: Tensor | None  # None when this pass is the baseline itself
+    top1_per_token: Tensor | None
+    window_tokens: int
+    reference: divergence.TopKReference | None = None
+
+    def metrics(self, corpus: str) -> dict[str, float]:
+        m = {f"ppl/{corpus}": perplexity.ppl_from_nll(self.nll_per_window)}
+        if self.kl_per_token is None:  # the baseline against itself
+            m.update({f"kl/{corpus}": 0.0, f"kl_p99/{corpus}": 0.0, f"top1/{corpus}": 1.0})
+        else:
+            m.update({f"kl/{corpus}": self.kl_per_token.mean().item(),
+                      f"kl_p99/{corpus}": self.kl_per_token.quantile(0.99).item(),
+                      f"top1/{corpus}": self.top1_per_token.float().mean().item()})
+        return m
+
+    def per_sample(self, corpus: str) -> dict[str, list[float]]:
+        out = {f"nll/{corpus}": self.nll_per_window}
+        if self.kl_per_token is not None:
+            out[f"kl/{corpus}"] = self.kl_per_token.view(-1, self.window_tokens).mean(1).tolist()
+            out[f"top1/{corpus}"] = self.top1_per_token.view(-1, self.window_tokens).float().mean(1).tolist()
+        return out
+
+
+def _quality_pass(model: nn.Module, windows: Tensor, reference: divergence.TopKReference | None,
+                  topk: int, desc: str) -> QualityResult:
+    """One forward per window: NLL always; KL and top-1 against `reference`, or a new reference if None."""
+    nll, kl, top1, refs = [], [], [], []
+    n = windows.shape[1]
+    logits_iter = perplexity.window_logits(model, windows)
+    for i, (window, logits) in enumerate(tqdm(zip(windows, logits_iter), total=len(windows), desc=desc, unit="win")):
+        nll.append(perplexity.token_nll(logits, window.to(logits.device)).mean().item())
+        if reference is None:
+            refs.append(divergence.topk_reference(logits, topk))
+        else:
+            ref = reference.slice(i * n, (i + 1) * n)
+            kl.append(divergence.token_kl(logits, ref))
+            top1.append(divergence.top1_agreement(logits, ref))
+    if reference is None:
+        merged = divergence.TopKReference(torch.cat([r.logprobs for r in refs]), torch.cat([r.ids for r in refs]))
+        return QualityResult(nll, None, None, n, merged)
+    return QualityResult(nll, torch.cat(kl), torch.cat(top1), n)
+
+
+def _load_reference(path: Path, texts: dict[str, data.TokenizedText]) -> dict[str, divergence.TopKReference] | None:
+    if not path.exists():
+        return None
+    saved = torch.load(path, weights_only=True)
+    if any(name not in saved or saved[name]["sha256"] != t.sha256 for name, t in texts.items()):
+        log.warning("baseline reference %s was made on other text: recomputing it", path)
+        return None
+    return {name: divergence.TopKReference(saved[name]["logprobs"], saved[name]["ids"]) for name in texts}
+
+
+def _save_reference(path: Path, quality: dict[str, QualityResult], texts: dict[str, data.TokenizedText],
+                    merge: bool = False) -> None:
+    saved = torch.load(path, weights_only=True) if merge and path.exists() else {}
+    for name, q in quality.items():
+        saved[name] = {"sha256": texts[name].sha256, "logprobs": q.reference.logprobs,
+                       "ids": q.reference.ids.to(torch.int32), "nll_per_window": q.nll_per_window}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(saved, tmp)
+    tmp.replace(path)
+
+
+def _size_metrics(model: nn.Module, target_names: list[str]) -> dict[str, float]:
+    q = memory.quantized_layer_stats(model)
+    side = q if q["layers"] else memory.linear_weight_stats(model, target_names)
+    out = {"weight_bytes": memory.weight_bytes(model), "quantized_layer_bytes": side["bytes"],
+           "bits_per_weight": 8 * side["bytes"] / side["weights"]}
+    if q["layers"]:
+        out["quantized_layer_bytes_theoretical"] = q["theoretical_bytes"]
+    return out
+
+
+def _speed_metrics(model: nn.Module, window: Tensor, sp: dict[str, Any]) -> dict[str, float]:
+    prompt = window[: sp["prompt_tokens"]]
+    return {
+        "prefill_tok_s": speed.prefill_tok_s(model, prompt, sp["repeats"], sp["warmup"]),
+        "decode_tok_s": speed.decode_tok_s(model, prompt, sp["decode_tokens"], sp["repeats"], sp["warmup"]),
+    }

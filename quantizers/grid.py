@@ -1,0 +1,82 @@
+"""The uniform affine grid: w ≈ (q - z) · s per group of `group_size` input columns.
+
+Codes q are unsigned integers in [0, 2^bits - 1]. A group size that does not divide the
+input width leaves a ragged last group; the range of every group includes zero, so
+padding the ragged group with zeros does not change its parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Scales are stored in float16; keep them above its subnormal floor.
+MIN_SCALE = 1e-6
+
+
+@dataclass
+class GridParams:
+    scale: Tensor  # (out, n_groups) float16, as stored
+    zero: Tensor  # (out, n_groups) uint8 code of the real value 0
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    size = in_features if group_size == -1 else group_size
+    return -(-in_features // size)
+
+
+def effective_group_size(in_features: int, group_size: int) -> int:
+    return in_features if group_size == -1 else group_size
+
+
+def to_groups(w: Tensor, group_size: int) -> Tensor:
+    """(out, in) -> (out, n_groups, group_size), zero-padding a ragged last group."""
+    out_features, in_features = w.shape
+    size = effective_group_size(in_features, group_size)
+    pad = n_groups(in_features, group_size) * size - in_features
+    return torch.nn.functional.pad(w, (0, pad)).reshape(out_features, -1, size)
+
+
+def from_groups(wg: Tensor, in_features: int) -> Tensor:
+    return wg.reshape(wg.shape[0], -1)[:, :in_features]
+
+
+def compute_params(w: Tensor, bits: int, group_size: int, sym: bool, clip: Tensor | float = 1.0) -> GridParams:
+    """Min-max grid parameters per group; `clip` shrinks the range (per group or scalar)."""
+    wg = to_groups(w.float(), group_size)
+    maxq = 2**bits - 1
+    wmin = wg.amin(dim=-1).clamp(max=0) * clip
+    wmax = wg.amax(dim=-1).clamp(min=0) * clip
+    if sym:
+        scale = 2 * torch.maximum(-wmin, wmax) / maxq
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    else:
+        scale = (wmax - wmin) / maxq
+    scale = scale.clamp(min=MIN_SCALE).to(torch.float16)
+    if not sym:
+        zero = torch.round(-wmin / scale.float()).clamp(0, maxq)
+    return GridParams(scale=scale, zero=zero.to(torch.uint8))
+
+
+def quantize(w: Tensor, params: GridParams, bits: int, group_size: int) -> Tensor:
+    """Integer codes (out, in) as uint8."""
+    wg = to_groups(w.float(), group_size)
+    scale = params.scale.float().unsqueeze(-1)
+    zero = params.zero.float().unsqueeze(-1)
+    q = torch.clamp(torch.round(wg / scale) + zero, 0, 2**bits - 1)
+    return from_groups(q, w.shape[1]).to(torch.uint8)
+
+
+def dequantize(q: Tensor, params: GridParams, group_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    in_features = q.shape[1]
+    qg = to_groups(q.to(dtype), group_size)
+    w = (qg - params.zero.to(dtype).unsqueeze(-1)) * params.scale.to(dtype).unsqueeze(-1)
+    return from_groups(w, in_features)
+
+
+def fake_quantize(w: Tensor, bits: int, group_size: int, sym: bool) -> Tensor:
+    """Round to nearest on the min-max grid and back: what RTN's forward computes."""
+    params = compute_params(w, bits, group_size, sym)
+    return dequantize(quantize(w, params, bits, group_size), params, group_size, w.dtype)

@@ -1,0 +1,74 @@
+"""QuantLinear: a linear layer stored as packed integer codes + per-group scales/zeros."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import grid, packing
+from .kernels import KERNELS
+
+
+class QuantLinear(nn.Module):
+    """Packed `bits`-bit weights; forward through a kernel backend (default: dequantize + matmul)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        sym: bool,
+        bias: Tensor | None = None,
+        backend: str = "torch",
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.sym = bits, group_size, sym
+        self.backend = backend
+        ng = grid.n_groups(in_features, group_size)
+        cols = packing.packed_columns(in_features, bits)
+        self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(out_features, ng, dtype=torch.float16))
+        # A symmetric grid's zero point is the constant 2^(bits-1): nothing to store.
+        self.register_buffer("zeros", None if sym else torch.zeros(out_features, ng, dtype=torch.uint8))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_codes(
+        cls, linear: nn.Linear, codes: Tensor, params: grid.GridParams, group_size: int, sym: bool, bits: int
+    ) -> QuantLinear:
+        layer = cls(linear.in_features, linear.out_features, bits, group_size, sym, linear.bias)
+        layer.qweight.copy_(packing.pack(codes, bits))
+        layer.scales.copy_(params.scale)
+        if not sym:
+            layer.zeros.copy_(params.zero)
+        return layer.to(linear.weight.device)
+
+    def grid_params(self) -> grid.GridParams:
+        zero = self.zeros
+        if zero is None:
+            zero = torch.full_like(self.scales, 2 ** (self.bits - 1), dtype=torch.uint8)
+        return grid.GridParams(scale=self.scales, zero=zero)
+
+    def codes(self) -> Tensor:
+        return packing.unpack(self.qweight, self.bits, self.in_features)
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return grid.dequantize(self.codes(), self.grid_params(), self.group_size, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return KERNELS[self.backend](x, self)
+
+    @staticmethod
+    def theoretical_bytes(in_features: int, out_features: int, bits: int, group_size: int, sym: bool) -> int:
+        """Bytes that the format needs: packed codes, float16 scales, uint8 zeros (asymmetric)."""
+        ng = grid.n_groups(in_features, group_size)
+        per_row = packing.packed_columns(in_features, bits) + ng * 2 + (0 if sym else ng)
+        return out_features * per_row
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, sym={self.sym}, backend={self.backend}"
+        )

@@ -1,0 +1,41 @@
+"""name -> quantizer function, filled by @register."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from .spec import QuantSpec, QuantSpecError
+
+QuantizeFn = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    name: str
+    quantize: QuantizeFn  # (model, spec, calib, progress) -> model, modified in place
+    needs_calibration: bool
+
+
+QUANTIZERS: dict[str, Quantizer] = {}
+
+
+def register(name: str, needs_calibration: bool = False) -> Callable[[QuantizeFn], QuantizeFn]:
+    def add(fn: QuantizeFn) -> QuantizeFn:
+        QUANTIZERS[name] = Quantizer(name, fn, needs_calibration)
+        return fn
+
+    return add
+
+
+def get_quantizer(name: str) -> Quantizer:
+    if name not in QUANTIZERS:
+        raise QuantSpecError(f"unknown quantization method {name!r}: choose one of {', '.join(sorted(QUANTIZERS))}")
+    return QUANTIZERS[name]
+
+
+def quantize(model: nn.Module, spec: QuantSpec, calib: Tensor | None = None, progress: bool = False) -> nn.Module:
+    """Quantize `model` in place as `spec` says; `calib` is (n_samples, seqlen) token ids."""
+    return get_quantizer(spec.method).quantize(model, spec, calib, progress=progress)

@@ -1,0 +1,24 @@
+"""Round to nearest: each weight to the closest point of its group's min-max grid."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import grid
+from .arch import set_module, target_linears
+from .linear import QuantLinear
+from .registry import register
+from .spec import QuantSpec
+
+
+@register("rtn")
+@torch.no_grad()
+def quantize_rtn(model: nn.Module, spec: QuantSpec, calib: Tensor | None = None, progress: bool = False) -> nn.Module:
+    linears = target_linears(model, spec.quantize_lm_head)
+    for name, linear in tqdm(linears.items(), desc="rtn", disable=not progress, unit="layer"):
+        params = grid.compute_params(linear.weight, spec.bits, spec.group_size, spec.sym)
+        codes = grid.quantize(linear.weight, params, spec.bits, spec.group_size)
+        set_module(model, name, QuantLinear.from_codes(linear, codes, params, spec.group_size, spec.sym, spec.bits))
+    return model
