@@ -1,0 +1,29 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.models import build_tiny_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, tokenizer): the random tiny Llama of configs/model/tiny-llama.yaml's shape, float32, eval mode."""
+    model, tokenizer = build_tiny_llama({}, seed=0)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture
+def correlated_weights():
+    torch.manual_seed(0)
+    return torch.randn(48, 200) * torch.linspace(0.1, 3.0, 200)
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m harness ARGS` in the repository root, as a user would type it."""
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)

@@ -1,0 +1,54 @@
+import pytest
+import torch
+
+from harness import data
+from harness.errors import UserError
+
+
+def test_pydoc_parts_are_disjoint_and_stable():
+    a, b = data.load_corpus("pydoc"), data.load_corpus("pydoc")
+    assert a == b
+    eval_docs, calib_docs = set(a.eval_text.split("\n\n")), set(a.calib_text.split("\n\n"))
+    assert len(a.eval_text) > 50_000 and len(a.calib_text) > 50_000
+    assert not (eval_docs & calib_docs) - {""}
+
+
+def test_local_text_file_is_a_corpus(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("\n\n".join(f"paragraph {i} " * 20 for i in range(40)))
+    corpus = data.load_corpus(str(path))
+    assert corpus.eval_text and corpus.calib_text
+    assert set(corpus.eval_text.split("\n\n")).isdisjoint(corpus.calib_text.split("\n\n"))
+
+
+def test_unknown_corpus_says_what_to_use():
+    with pytest.raises(UserError, match="unknown corpus 'nope': use one of pydoc"):
+        data.load_corpus("nope")
+
+
+def test_windows_are_non_overlapping_and_spread():
+    ids = torch.arange(1000)
+    all_windows = data.eval_windows(ids, 100, None)
+    assert all_windows.shape == (10, 100) and torch.equal(all_windows.flatten(), ids)
+    some = data.eval_windows(ids, 100, 3)
+    assert some[:, 0].tolist() == [0, 500, 900]
+    with pytest.raises(UserError, match="fewer than eval.seqlen"):
+        data.eval_windows(ids, 2000, None)
+
+
+def test_calibration_samples_are_seeded():
+    ids = torch.arange(10_000)
+    a, b = data.calibration_samples(ids, 8, 64, seed=1), data.calibration_samples(ids, 8, 64, seed=1)
+    assert torch.equal(a, b) and a.shape == (8, 64)
+    assert not torch.equal(a, data.calibration_samples(ids, 8, 64, seed=2))
+    assert (a[:, 1:] - a[:, :-1] == 1).all()  # contiguous windows of the text
+    with pytest.raises(UserError, match="fewer than one sample"):
+        data.calibration_samples(ids[:50], 8, 64, seed=1)
+
+
+def test_tokenized_text_carries_its_hash(tiny):
+    _, tokenizer = tiny
+    corpus = data.load_corpus("pydoc")
+    t = data.tokenize(tokenizer, corpus, "eval")
+    assert t.n_tokens == len(corpus.eval_text.encode())  # byte tokenizer
+    assert len(t.sha256) == 64 and t.describe()["tokens"] == t.n_tokens
