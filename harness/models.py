@@ -105,7 +105,7 @@ def resolve_source(cfg: dict[str, Any]) -> tuple[str, str]:
 
 def _package_file(name: str) -> Path | None:
     dist_name, _, file_name = name.partition("/")
-    if not file_name:
+    if not dist_name or not file_name:
         return None
     try:
         dist = md.distribution(dist_name)

@@ -75,6 +75,8 @@ def _setup_lines(record: dict) -> list[str]:
 
 def _table(frame: pd.DataFrame, selection: dict | None) -> str:
     ok = frame[frame["status"] == "ok"]
+    if ok.empty:
+        return "(no point finished: see the failed points below)"
     corpora = quality_corpora(ok)
     try:
         base = baseline_row(frame)

@@ -22,7 +22,7 @@ from quantizers import QuantSpec, QuantSpecError
 from . import data, results
 from .errors import UserError
 from .metrics import divergence, memory, perplexity, speed
-from .models import load_model, resolve_device, resolve_dtype
+from .models import load_model, resolve_device, resolve_dtype, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ def make_point(cfg: dict[str, Any]) -> Point:
     except QuantSpecError as e:
         raise UserError(str(e)) from None
     _validate_eval(cfg["eval"])
+    resolve_source(cfg["model"])  # a missing path fails here, before any work
     device = resolve_device(cfg["device"])
     return Point(cfg, spec, device, resolve_dtype(cfg["dtype"], device), quantizer.needs_calibration)
 

@@ -54,10 +54,17 @@ def compute_params(w: Tensor, bits: int, group_size: int, sym: bool, clip: Tenso
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
         scale = (wmax - wmin) / maxq
-    scale = scale.clamp(min=MIN_SCALE).to(torch.float16)
+    scale = _to_float16_rounding_up(scale.clamp(min=MIN_SCALE))
     if not sym:
         zero = torch.round(-wmin / scale.float()).clamp(0, maxq)
     return GridParams(scale=scale, zero=zero.to(torch.uint8))
+
+
+def _to_float16_rounding_up(scale: Tensor) -> Tensor:
+    # A stored scale below the true one would shrink the grid and clip the extremes by more than half a step.
+    stored = scale.to(torch.float16)
+    return torch.where(stored.float() < scale, torch.nextafter(stored, torch.tensor(torch.inf, dtype=stored.dtype)),
+                       stored)
 
 
 def quantize(w: Tensor, params: GridParams, bits: int, group_size: int) -> Tensor:

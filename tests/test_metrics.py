@@ -58,5 +58,5 @@ def test_topk_kl_is_a_lower_bound_that_is_exact_at_full_vocabulary(tiny, windows
     coarse = divergence.token_kl(quant, divergence.topk_reference(base, 8))
     assert (coarse <= exact + 1e-5).all()
     full = divergence.token_kl(quant, divergence.topk_reference(base, base.shape[-1]))
-    torch.testing.assert_close(full, exact, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(full, exact, rtol=1e-3, atol=1e-4)  # float32 tail-mass rounding
     assert divergence.top1_agreement(quant, divergence.topk_reference(base, 1)).float().mean() < 1

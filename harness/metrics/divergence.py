@@ -31,7 +31,7 @@ def topk_reference(logits: Tensor, k: int) -> TopKReference:
 
 def _tail_logmass(top_logprobs: Tensor) -> Tensor:
     # log(1 - sum p_topk), safe where the top-k hold (almost) all the mass.
-    return torch.log((-torch.expm1(torch.logsumexp(top_logprobs, dim=-1))).clamp(min=1e-30))
+    return torch.log((-torch.expm1(torch.logsumexp(top_logprobs, dim=-1))).clamp(min=1e-12))
 
 
 def token_kl(logits: Tensor, ref: TopKReference) -> Tensor:

