@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,6 @@ USAGE = """usage: python -m harness COMMAND [args]
   select DIR [key=value ...] the verdict under a policy (configs/select/default.yaml), selection.json
 
 overrides are Hydra's: quant=rtn quant.bits=4,3 quant.group_size=64 model=tiny-llama eval=quick out_dir=DIR"""
-
-log = logging.getLogger("harness")
-
 
 def _task(cfg: DictConfig) -> None:
     from .sweep import run_point
@@ -57,6 +53,10 @@ class FinishSweep(Callback):
         print(f"report: {out_dir / 'report.md'} ({len(built['frame'])} points, {failed} failed)")
         if built["selection"]:
             print(f"verdict: {built['selection']['verdict']}")
+        if failed:
+            print(f"error: {failed} point(s) failed; their records say why (runs/*.json, status failed)",
+                  file=sys.stderr)
+            sys.exit(1)
 
 
 def _die(message: str) -> None:
@@ -105,7 +105,7 @@ def _select(argv: list[str]) -> None:
     from .select import select
 
     if not argv:
-        raise UserError("select takes the sweep folder first, e.g. python -m harness select results/default max_kl=0.05")
+        raise UserError("select takes the sweep folder first: python -m harness select results/default max_kl=0.05")
     out_dir = Path(argv[0])
     selection = select(records_to_frame(load_records(out_dir)), _policy(out_dir, argv[1:]))
     write_json_atomic(out_dir / "selection.json", selection)

@@ -208,8 +208,8 @@ def _quality_pass(model: nn.Module, windows: Tensor, reference: divergence.TopKR
     """One forward per window: NLL always; KL and top-1 against `reference`, or a new reference if None."""
     nll, kl, top1, refs = [], [], [], []
     n = windows.shape[1]
-    logits_iter = perplexity.window_logits(model, windows)
-    for i, (window, logits) in enumerate(tqdm(zip(windows, logits_iter), total=len(windows), desc=desc, unit="win")):
+    logits_iter = zip(windows, perplexity.window_logits(model, windows), strict=True)
+    for i, (window, logits) in enumerate(tqdm(logits_iter, total=len(windows), desc=desc, unit="win")):
         nll.append(perplexity.token_nll(logits, window.to(logits.device)).mean().item())
         if reference is None:
             refs.append(divergence.topk_reference(logits, topk))

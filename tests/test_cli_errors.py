@@ -1,5 +1,4 @@
 import pytest
-
 from conftest import run_cli
 
 QUICK = ["model=tiny-llama", "eval=quick"]

@@ -10,7 +10,9 @@ from harness.metrics.memory import quantized_layer_stats, weight_bytes
 from quantizers import QuantLinear, QuantSpec, grid
 
 
-@pytest.mark.parametrize("bits,group_size,sym", [(8, -1, False), (4, 64, False), (4, 128, True), (3, 64, False), (2, 32, True)])
+@pytest.mark.parametrize(
+    "bits,group_size,sym", [(8, -1, False), (4, 64, False), (4, 128, True), (3, 64, False), (2, 32, True)]
+)
 def test_forward_equals_dequantized_reference(bits, group_size, sym):
     torch.manual_seed(0)
     linear = nn.Linear(200, 72, bias=True)
@@ -30,7 +32,7 @@ def test_packed_model_gives_the_fake_quantized_models_logits(tiny, bits, group_s
     model, _ = tiny
     spec = QuantSpec("rtn", bits, group_size)
     fake = copy.deepcopy(model)
-    for name, linear in quantizers.arch.target_linears(fake).items():
+    for linear in quantizers.arch.target_linears(fake).values():
         linear.weight.data = grid.fake_quantize(linear.weight.data, bits, group_size, False)
     packed = quantizers.quantize(copy.deepcopy(model), spec)
     assert any(isinstance(m, QuantLinear) for m in packed.modules())

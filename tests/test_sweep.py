@@ -2,7 +2,6 @@ import json
 
 import pandas as pd
 import pytest
-
 from conftest import run_cli
 
 GRID = ["model=tiny-llama", "eval=quick", "quant=fp16,rtn", "quant.bits=8,3", "quant.group_size=-1,64"]

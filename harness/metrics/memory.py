@@ -23,7 +23,8 @@ def quantized_layer_stats(model: nn.Module) -> dict[str, float]:
     """Bytes and weight count of the quantized layers, real and as the format's formula says."""
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     real = sum(b.numel() * b.element_size() for m in layers for b in (m.qweight, m.scales, m.zeros) if b is not None)
-    theory = sum(QuantLinear.theoretical_bytes(m.in_features, m.out_features, m.bits, m.group_size, m.sym) for m in layers)
+    theory = sum(QuantLinear.theoretical_bytes(m.in_features, m.out_features, m.bits, m.group_size, m.sym)
+                 for m in layers)
     return {"layers": len(layers), "bytes": real, "theoretical_bytes": theory,
             "weights": sum(m.in_features * m.out_features for m in layers)}
 

@@ -32,7 +32,8 @@ def window_logits(model: nn.Module, windows: Tensor) -> Iterator[Tensor]:
 
 
 def perplexity(model: nn.Module, windows: Tensor) -> PerplexityResult:
-    nll = [token_nll(logits, w.to(logits.device)).mean().item() for w, logits in zip(windows, window_logits(model, windows))]
+    pairs = zip(windows, window_logits(model, windows), strict=True)
+    nll = [token_nll(logits, w.to(logits.device)).mean().item() for w, logits in pairs]
     return PerplexityResult(ppl_from_nll(nll), nll, windows.shape[0] * (windows.shape[1] - 1))
 
 
