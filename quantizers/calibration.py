@@ -1,0 +1,77 @@
+"""Block-by-block calibration: only one decoder block's activations are alive at a time.
+
+The inputs of the first block are captured by running the model up to it; each block then
+runs on them, the quantizer does its work on that block, and the block's *quantized*
+outputs become the next block's inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .arch import decoder_layers
+
+
+class _ReachedFirstBlock(Exception):
+    pass
+
+
+@torch.no_grad()
+def first_block_inputs(model: nn.Module, calib: Tensor) -> tuple[list[Tensor], dict[str, Any]]:
+    """Hidden states entering block 0 for each sample, and the keyword arguments blocks are called with."""
+    block = decoder_layers(model)[0]
+    hidden, kwargs = [], {}
+
+    def capture(_module, args, kw):
+        hidden.append(args[0] if args else kw.pop("hidden_states"))
+        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _ReachedFirstBlock
+
+    handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for sample in calib:
+            try:
+                model(sample[None].to(device), use_cache=False)
+            except _ReachedFirstBlock:
+                pass
+    finally:
+        handle.remove()
+    kwargs["use_cache"] = False
+    kwargs.pop("past_key_values", None)
+    kwargs.pop("past_key_value", None)
+    return hidden, kwargs
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, hidden: list[Tensor], kwargs: dict[str, Any]) -> list[Tensor]:
+    outputs = []
+    for h in hidden:
+        out = block(h, **kwargs)
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+    return outputs
+
+
+def blocks_with_inputs(model: nn.Module, calib: Tensor) -> Iterator[tuple[int, nn.Module, list[Tensor], dict]]:
+    """Yield (index, block, inputs, kwargs); after the caller has quantized a block, its outputs feed the next."""
+    hidden, kwargs = first_block_inputs(model, calib)
+    for index, block in enumerate(decoder_layers(model)):
+        yield index, block, hidden, kwargs
+        hidden = run_block(block, hidden, kwargs)
+
+
+@contextmanager
+def capture_inputs(linears: dict[str, nn.Linear], on_input) -> Iterator[None]:
+    """Call on_input(name, x) with every input of each linear; the hooks are removed on exit."""
+    handles = [m.register_forward_hook(lambda _m, args, _out, name=name: on_input(name, args[0]))
+               for name, m in linears.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,107 @@
+import copy
+
+import pytest
+import torch
+
+import quantizers
+from quantizers import QuantSpec, grid
+from quantizers.gptq import GPTQOptions, Hessian, solve
+
+
+def correlated_inputs(n=2048, columns=160, seed=0, outliers=0):
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(16, columns, generator=gen)  # 16 latent factors: strongly correlated columns
+    x = torch.randn(n, 16, generator=gen) @ mixing + 0.1 * torch.randn(n, columns, generator=gen)
+    x[:, :outliers] *= 20
+    return x
+
+
+def hessian_of(x):
+    h = Hessian(x.shape[1], x.device)
+    for chunk in x.split(256):
+        h.add_batch(chunk)
+    return h.H
+
+
+def output_error(w, w_hat, x):
+    return (x @ w.T - x @ w_hat.T).norm().item()
+
+
+@pytest.fixture
+def weight():
+    return torch.randn(64, 160, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("group_size", [-1, 32, 48])  # 48: ragged, and groups that cross the 128-column blocks
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_correlated_inputs(weight, bits, group_size, act_order):
+    x = correlated_inputs()
+    spec = QuantSpec("gptq", bits, group_size, options={"act_order": act_order})
+    codes, params = solve(weight, hessian_of(x), spec, GPTQOptions(act_order=act_order))
+    gptq_err = output_error(weight, grid.dequantize(codes, params, group_size), x)
+    rtn_err = output_error(weight, grid.fake_quantize(weight, bits, group_size, False), x)
+    assert gptq_err < 0.7 * rtn_err
+
+
+def test_hessian_is_the_running_mean_of_2xxT():
+    x = correlated_inputs(n=300)
+    torch.testing.assert_close(hessian_of(x), 2 * x.T @ x / 300, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_identity_hessian_gives_rtn(weight, act_order):
+    spec = QuantSpec("gptq", 4, 32)
+    codes, params = solve(weight, torch.eye(160), spec, GPTQOptions(act_order=act_order))
+    rtn = grid.compute_params(weight, 4, 32, False)
+    assert torch.equal(codes, grid.quantize(weight, rtn, 4, 32))
+    assert torch.equal(params.scale, rtn.scale)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_act_order_does_not_hurt_with_large_channels(weight, bits):
+    x = correlated_inputs(outliers=4, seed=2)
+    H = hessian_of(x)
+    errs = {}
+    for act_order in (False, True):
+        spec = QuantSpec("gptq", bits, 32)
+        codes, params = solve(weight, H, spec, GPTQOptions(act_order=act_order))
+        errs[act_order] = output_error(weight, grid.dequantize(codes, params, 32), x)
+    assert errs[True] <= 1.05 * errs[False]
+
+
+def test_nan_hessian_is_refused(weight):
+    H = torch.eye(160)
+    H[3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        solve(weight, H, QuantSpec("gptq", 4, 32), GPTQOptions())
+
+
+def test_whole_model_gptq_is_deterministic_and_beats_rtn(tiny):
+    model, _ = tiny
+    calib = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    spec = QuantSpec("gptq", 3, 32, options={})
+    a = quantizers.quantize(copy.deepcopy(model), spec, calib)
+    b = quantizers.quantize(copy.deepcopy(model), spec, calib)
+    qa, qb = [m for m in a.modules() if isinstance(m, quantizers.QuantLinear)], [
+        m for m in b.modules() if isinstance(m, quantizers.QuantLinear)]
+    assert len(qa) == 14 and all(torch.equal(x.qweight, y.qweight) for x, y in zip(qa, qb, strict=True))
+    rtn = quantizers.quantize(copy.deepcopy(model), QuantSpec("rtn", 3, 32))
+    with torch.no_grad():
+        ref = model(calib).logits
+        assert (a(calib).logits - ref).norm() < (rtn(calib).logits - ref).norm()
+
+
+def test_tiny_sweep_with_gptq_runs_end_to_end(tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    proc = run_cli("sweep", "model=tiny-llama", "eval=quick", "quant=fp16,gptq", "quant.bits=4", "quant.group_size=32",
+                   "calib.n_samples=4", "calib.seqlen=128", f"out_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = {r["quant"]["method"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json"))}
+    gptq = records["gptq"]
+    assert gptq["status"] == "ok" and gptq["data"]["calib"]["n_samples"] == 4
+    assert gptq["quant"]["options"] == {"percdamp": 0.01, "block_size": 128, "act_order": True}
+    assert gptq["metrics"]["kl/pydoc"] > 0
