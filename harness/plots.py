@@ -12,8 +12,12 @@ import pandas as pd  # noqa: E402
 
 
 def _scatter_by_method(frame: pd.DataFrame, x: str, y: str, path: Path, title: str, xlabel: str, ylabel: str,
-                       logy: bool = False, lines: bool = True) -> Path:
+                       logy: bool = False, lines: bool = True, baseline_as_line: bool = False) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if baseline_as_line:  # its x (e.g. 16 or 32 bits) would squash the quantized points into one corner
+        for _, r in frame[frame["method"] == "fp16"].iterrows():
+            ax.axhline(r[y], color="gray", linestyle="--", label=f"baseline ({r['dtype']})")
+        frame = frame[frame["method"] != "fp16"]
     for method, rows in frame.groupby("method", sort=True):
         rows = rows.sort_values(x)
         ax.plot(rows[x], rows[y], marker="o", linestyle="-" if lines and len(rows) > 1 else "none", label=method)
@@ -39,7 +43,7 @@ def draw_all(frame: pd.DataFrame, plot_dir: Path, corpus: str) -> list[Path]:
     return [
         _scatter_by_method(ok, "bits_per_weight", f"ppl/{corpus}", plot_dir / "ppl_vs_bits.png",
                            f"Perplexity ({corpus}) vs bits per weight", "bits per weight (quantized layers)",
-                           "perplexity", logy=True),
+                           "perplexity", logy=True, baseline_as_line=True),
         _scatter_by_method(ok, "weight_mb", f"kl/{corpus}", plot_dir / "kl_vs_weight_bytes.png",
                            f"KL to the baseline ({corpus}) vs weight memory", "weight memory (MB)",
                            "mean KL (nats/token)"),
