@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pandas as pd
@@ -50,7 +49,7 @@ def select(frame: pd.DataFrame, policy: dict[str, Any]) -> dict[str, Any]:
 
 
 def point_label(row: pd.Series) -> str:
-    if row["method"] == "fp16" or row["bits"] is None or (isinstance(row["bits"], float) and math.isnan(row["bits"])):
+    if row["method"] == "fp16" or pd.isna(row["bits"]):
         return str(row["method"])
     group = "per-channel" if row["group_size"] == -1 else f"g{row['group_size']}"
     return f"{row['method']} {row['bits']}-bit {group}{' sym' if row.get('sym') else ''}"
