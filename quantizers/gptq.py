@@ -25,6 +25,7 @@ class GPTQOptions:
     percdamp: float = 0.01  # dampening, as a fraction of the mean of diag(H)
     block_size: int = 128  # columns updated lazily together
     act_order: bool = True  # columns in descending diag(H); groups stay static (contiguous in storage)
+    mse_clip: bool = False  # per group, search the range shrink with least rounding error
 
     def __post_init__(self) -> None:
         if not 0 <= self.percdamp < 1:
@@ -71,7 +72,8 @@ def solve(W: Tensor, H: Tensor, spec: QuantSpec, opts: GPTQOptions) -> tuple[Ten
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    static = grid.compute_params(W, spec.bits, spec.group_size, spec.sym) if opts.act_order else None
+    find_params = grid.search_params if opts.mse_clip else grid.compute_params
+    static = find_params(W, spec.bits, spec.group_size, spec.sym) if opts.act_order else None
     perm = torch.argsort(torch.diag(H), descending=True) if opts.act_order else torch.arange(columns)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = _inverse_hessian_cholesky(H, opts.percdamp)
@@ -88,7 +90,7 @@ def solve(W: Tensor, H: Tensor, spec: QuantSpec, opts: GPTQOptions) -> tuple[Ten
             g = col // size
             if static is None and col % size == 0:  # groups computed on the fly as their first column arrives
                 upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :size]  # the group's columns, as updated so far
-                p = grid.compute_params(upcoming, spec.bits, -1, spec.sym)
+                p = find_params(upcoming, spec.bits, -1, spec.sym)
                 scale[:, g], zero[:, g] = p.scale[:, 0], p.zero[:, 0]
             elif static is not None:
                 scale[:, g], zero[:, g] = static.scale[:, g], static.zero[:, g]

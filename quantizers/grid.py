@@ -60,6 +60,23 @@ def compute_params(w: Tensor, bits: int, group_size: int, sym: bool, clip: Tenso
     return GridParams(scale=scale, zero=zero.to(torch.uint8))
 
 
+def search_params(w: Tensor, bits: int, group_size: int, sym: bool, steps: int = 20, max_shrink: float = 0.2,
+                  norm: float = 2.4) -> GridParams:
+    """Grid parameters whose range is shrunk per group by the factor (1 down to 1 - max_shrink) that
+    minimises the group's rounding error sum |w - ŵ|^norm: clipping a few outliers buys finer steps."""
+    best_err = best_clip = None
+    for clip in torch.linspace(1.0, 1.0 - max_shrink, steps).tolist():
+        params = compute_params(w, bits, group_size, sym, clip)
+        err = (to_groups(dequantize(quantize(w, params, bits, group_size), params, group_size) - w.float(),
+                         group_size).abs() ** norm).sum(dim=-1)
+        if best_err is None:
+            best_err, best_clip = err, torch.full_like(err, clip)
+        else:
+            better = err < best_err
+            best_err, best_clip = torch.where(better, err, best_err), torch.where(better, clip, best_clip)
+    return compute_params(w, bits, group_size, sym, best_clip)
+
+
 def _to_float16_rounding_up(scale: Tensor) -> Tensor:
     # A stored scale below the true one would shrink the grid and clip the extremes by more than half a step.
     stored = scale.to(torch.float16)

@@ -44,6 +44,17 @@ def test_gptq_beats_rtn_on_correlated_inputs(weight, bits, group_size, act_order
     assert gptq_err < 0.7 * rtn_err
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_mse_clip_with_identity_hessian_gives_clip_searched_rtn(weight, act_order):
+    w = weight.clone()
+    w[:, 5] *= 8
+    codes, params = solve(w, torch.eye(160), QuantSpec("gptq", 3, 32), GPTQOptions(act_order=act_order, mse_clip=True))
+    searched = grid.search_params(w, 3, 32, False)
+    assert torch.equal(params.scale, searched.scale)
+    assert torch.equal(codes, grid.quantize(w, searched, 3, 32))
+    assert not torch.equal(params.scale, grid.compute_params(w, 3, 32, False).scale)
+
+
 def test_hessian_is_the_running_mean_of_2xxT():
     x = correlated_inputs(n=300)
     torch.testing.assert_close(hessian_of(x), 2 * x.T @ x / 300, rtol=1e-4, atol=1e-3)
@@ -103,5 +114,5 @@ def test_tiny_sweep_with_gptq_runs_end_to_end(tmp_path):
     records = {r["quant"]["method"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json"))}
     gptq = records["gptq"]
     assert gptq["status"] == "ok" and gptq["data"]["calib"]["n_samples"] == 4
-    assert gptq["quant"]["options"] == {"percdamp": 0.01, "block_size": 128, "act_order": True}
+    assert gptq["quant"]["options"] == {"percdamp": 0.01, "block_size": 128, "act_order": True, "mse_clip": False}
     assert gptq["metrics"]["kl/pydoc"] > 0

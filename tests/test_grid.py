@@ -68,3 +68,18 @@ def test_baseline_spec_ignores_grid_knobs_and_round_trips():
     spec = QuantSpec("rtn", 3, 64, sym=True, options={"k": 1})
     assert QuantSpec.from_dict(spec.to_dict()) == spec
     assert spec.label == "rtn-w3g64-sym"
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_clip_search_never_loses_to_min_max(correlated_weights, bits):
+    w = correlated_weights.clone()
+    w[:, 7] *= 8  # an outlier column: shrinking its groups' range pays
+    plain = grid.compute_params(w, bits, 64, False)
+    searched = grid.search_params(w, bits, 64, False)
+
+    def group_err(p):
+        deq = grid.dequantize(grid.quantize(w, p, bits, 64), p, 64)
+        return (grid.to_groups(deq - w, 64).abs() ** 2.4).sum(-1)
+
+    assert (group_err(searched) <= group_err(plain) + 1e-4).all()
+    assert group_err(searched).sum() < 0.97 * group_err(plain).sum()
