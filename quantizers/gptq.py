@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import grid
-from .arch import set_module, target_linears
+from .arch import decoder_layers, set_module, target_linears
 from .calibration import blocks_with_inputs, capture_inputs, run_block
 from .linear import QuantLinear
 from .registry import register
@@ -114,7 +114,7 @@ def quantize_gptq(model: nn.Module, spec: QuantSpec, calib: Tensor | None, progr
     opts = GPTQOptions(**spec.options)
     blocks = blocks_with_inputs(model, calib)
     for _, block, inputs, kwargs in tqdm(blocks, desc="gptq", disable=not progress, unit="block",
-                                         total=len(model.model.layers)):
+                                         total=len(decoder_layers(model))):
         linears = target_linears(block)
         hessians = {name: Hessian(m.in_features, m.weight.device) for name, m in linears.items()}
         with capture_inputs(linears, lambda name, x, hessians=hessians: hessians[name].add_batch(x)):
