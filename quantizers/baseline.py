@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from .registry import register
@@ -9,5 +10,6 @@ from .spec import QuantSpec
 
 
 @register("fp16")
-def keep_baseline(model: nn.Module, spec: QuantSpec, calib: Tensor | None = None, progress: bool = False) -> nn.Module:
+def keep_baseline(model: nn.Module, spec: QuantSpec, calib: Tensor | None = None, progress: bool = False,
+                  device: torch.device | None = None) -> nn.Module:
     return model

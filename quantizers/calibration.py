@@ -57,12 +57,31 @@ def run_block(block: nn.Module, hidden: list[Tensor], kwargs: dict[str, Any]) ->
     return outputs
 
 
-def blocks_with_inputs(model: nn.Module, calib: Tensor) -> Iterator[tuple[int, nn.Module, list[Tensor], dict]]:
-    """Yield (index, block, inputs, kwargs); after the caller has quantized a block, its outputs feed the next."""
+def blocks_with_inputs(model: nn.Module, calib: Tensor, device: torch.device | None = None
+                       ) -> Iterator[tuple[int, nn.Module, list[Tensor], dict]]:
+    """Yield (index, block, inputs, kwargs); after the caller has quantized a block, its outputs feed the next.
+
+    With `device`, each block moves there while it is worked on and back afterwards, and the
+    activations live there: a model kept on the CPU is quantized one block at a time on a GPU."""
     hidden, kwargs = first_block_inputs(model, calib)
+    if device is not None:
+        hidden, kwargs = _to(hidden, device), _to(kwargs, device)
     for index, block in enumerate(decoder_layers(model)):
+        home = next(block.parameters()).device
+        block.to(device or home)
         yield index, block, hidden, kwargs
         hidden = run_block(block, hidden, kwargs)
+        block.to(home)
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
 
 
 @contextmanager

@@ -77,49 +77,87 @@ def solve(W: Tensor, H: Tensor, spec: QuantSpec, opts: GPTQOptions) -> tuple[Ten
     perm = torch.argsort(torch.diag(H), descending=True) if opts.act_order else torch.arange(columns)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = _inverse_hessian_cholesky(H, opts.percdamp)
+    d = torch.diagonal(Hinv)
 
-    order = perm.tolist()
-    codes = torch.zeros_like(W, dtype=torch.uint8)
-    scale = torch.zeros(W.shape[0], grid.n_groups(columns, spec.group_size), dtype=torch.float16, device=W.device)
-    zero = torch.zeros_like(scale, dtype=torch.uint8)
+    # Columns as rows (W transposed): each column read and updated is one contiguous row.
+    Wt, group_of = W.T.contiguous(), perm // size
+    codes_t = torch.empty_like(Wt)
+    if static is not None:
+        scale, zero = static.scale, static.zero
+    else:
+        scale = torch.zeros(W.shape[0], grid.n_groups(columns, spec.group_size), dtype=torch.float16, device=W.device)
+        zero = torch.zeros_like(scale, dtype=torch.uint8)
     for i1 in range(0, columns, opts.block_size):
         i2 = min(i1 + opts.block_size, columns)
-        W1, Err1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2])
+        W1, Err1 = Wt[i1:i2].clone(), torch.empty_like(Wt[i1:i2])
+        if static is not None:  # every column's group parameters, gathered once per block
+            S, Z = scale.float().T[group_of[i1:i2]], zero.float().T[group_of[i1:i2]]
         for i in range(i2 - i1):
-            col = order[i1 + i]
-            g = col // size
-            if static is None and col % size == 0:  # groups computed on the fly as their first column arrives
-                upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :size]  # the group's columns, as updated so far
+            if static is not None:
+                s, z = S[i], Z[i]
+            elif (i1 + i) % size == 0:  # no act-order: a group's parameters when its first column arrives
+                upcoming = torch.cat([W1[i:], Wt[i2:]])[:size].T  # its columns, as updated so far
                 p = find_params(upcoming, spec.bits, -1, spec.sym)
+                g = (i1 + i) // size
                 scale[:, g], zero[:, g] = p.scale[:, 0], p.zero[:, 0]
-            elif static is not None:
-                scale[:, g], zero[:, g] = static.scale[:, g], static.zero[:, g]
-            s, z = scale[:, g].float(), zero[:, g].float()
-            w = W1[:, i]
-            q = torch.clamp(torch.round(w / s) + z, 0, 2**spec.bits - 1)
-            codes[:, i1 + i] = q.to(torch.uint8)
-            err = (w - (q - z) * s) / Hinv[i1 + i, i1 + i]
-            W1[:, i:] -= err[:, None] * Hinv[i1 + i, i1 + i : i2][None]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    codes = codes[:, torch.argsort(perm)]  # back to the original column order
+                s, z = p.scale[:, 0].float(), p.zero[:, 0].float()
+            w, q, err = W1[i], codes_t[i1 + i], Err1[i]
+            torch.div(w, s, out=q).round_().add_(z).clamp_(0, 2**spec.bits - 1)
+            torch.addcmul(w, q - z, s, value=-1, out=err).div_(d[i1 + i])  # (w - ŵ) / [H⁻¹]_ii
+            W1[i:].addr_(Hinv[i1 + i, i1 + i : i2], err, alpha=-1)
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
+    codes = codes_t.T[:, torch.argsort(perm)].to(torch.uint8)  # back to the original column order
     return codes, grid.GridParams(scale=scale, zero=zero)
 
 
 @register("gptq", needs_calibration=True)
 @torch.no_grad()
-def quantize_gptq(model: nn.Module, spec: QuantSpec, calib: Tensor | None, progress: bool = False) -> nn.Module:
+def quantize_gptq(model: nn.Module, spec: QuantSpec, calib: Tensor | None, progress: bool = False,
+                  device: torch.device | None = None) -> nn.Module:
     if calib is None:
         raise QuantSpecError("gptq needs calibration samples")
     opts = GPTQOptions(**spec.options)
-    blocks = blocks_with_inputs(model, calib)
+    blocks = blocks_with_inputs(model, calib, device)
     for _, block, inputs, kwargs in tqdm(blocks, desc="gptq", disable=not progress, unit="block",
                                          total=len(decoder_layers(model))):
         linears = target_linears(block)
-        hessians = {name: Hessian(m.in_features, m.weight.device) for name, m in linears.items()}
-        with capture_inputs(linears, lambda name, x, hessians=hessians: hessians[name].add_batch(x)):
-            run_block(block, inputs, kwargs)
-        for name, linear in linears.items():
-            codes, params = solve(linear.weight, hessians[name].H, spec, opts)
-            set_module(block, name, QuantLinear.from_codes(linear, codes, params, spec.group_size, spec.sym, spec.bits))
+        hessians = _block_hessians(block, linears, inputs, kwargs)
+        for names in _sharing_one_input(hessians):
+            # GPTQ treats rows independently: linears that read one input are solved as one matrix.
+            weight = torch.cat([linears[n].weight for n in names])
+            codes, params = solve(weight, hessians[names[0]].H, spec, opts)
+            row = 0
+            for n in names:
+                rows = slice(row, row + linears[n].out_features)
+                part = grid.GridParams(scale=params.scale[rows], zero=params.zero[rows])
+                packed = QuantLinear.from_codes(linears[n], codes[rows], part, spec.group_size, spec.sym, spec.bits)
+                set_module(block, n, packed)
+                row = rows.stop
     return model
+
+
+def _block_hessians(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[Tensor], kwargs: dict
+                    ) -> dict[str, Hessian]:
+    """Each linear's input Hessian over the calibration samples; linears that read the very same
+    tensor (q, k, v; gate, up) share one Hessian, accumulated once."""
+    hessians: dict[str, Hessian] = {}
+    last: dict[str, object] = {}
+
+    def on_input(name: str, x: Tensor) -> None:
+        if last.get("x") is x:
+            hessians.setdefault(name, last["hessian"])
+            return
+        hessian = hessians.setdefault(name, Hessian(x.shape[-1], x.device))
+        hessian.add_batch(x)
+        last.update(x=x, hessian=hessian)
+
+    with capture_inputs(linears, on_input):
+        run_block(block, inputs, kwargs)
+    return hessians
+
+
+def _sharing_one_input(hessians: dict[str, Hessian]) -> list[list[str]]:
+    groups: dict[int, list[str]] = {}
+    for name, hessian in hessians.items():
+        groups.setdefault(id(hessian), []).append(name)
+    return list(groups.values())

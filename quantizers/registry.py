@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from .spec import QuantSpec, QuantSpecError
@@ -15,7 +16,7 @@ QuantizeFn = Callable[..., nn.Module]
 @dataclass(frozen=True)
 class Quantizer:
     name: str
-    quantize: QuantizeFn  # (model, spec, calib, progress) -> model, modified in place
+    quantize: QuantizeFn  # (model, spec, calib, progress, device) -> model, modified in place
     needs_calibration: bool
 
 
@@ -36,6 +37,11 @@ def get_quantizer(name: str) -> Quantizer:
     return QUANTIZERS[name]
 
 
-def quantize(model: nn.Module, spec: QuantSpec, calib: Tensor | None = None, progress: bool = False) -> nn.Module:
-    """Quantize `model` in place as `spec` says; `calib` is (n_samples, seqlen) token ids."""
-    return get_quantizer(spec.method).quantize(model, spec, calib, progress=progress)
+def quantize(model: nn.Module, spec: QuantSpec, calib: Tensor | None = None, progress: bool = False,
+             device: torch.device | str | None = None) -> nn.Module:
+    """Quantize `model` in place as `spec` says; `calib` is (n_samples, seqlen) token ids.
+
+    `device` is where the work runs (default: where the model is). A model kept on the CPU is
+    quantized on a GPU one block at a time, so the GPU never holds the whole model."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    return get_quantizer(spec.method).quantize(model, spec, calib, progress=progress, device=device)

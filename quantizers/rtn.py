@@ -15,10 +15,14 @@ from .spec import QuantSpec
 
 @register("rtn")
 @torch.no_grad()
-def quantize_rtn(model: nn.Module, spec: QuantSpec, calib: Tensor | None = None, progress: bool = False) -> nn.Module:
+def quantize_rtn(model: nn.Module, spec: QuantSpec, calib: Tensor | None = None, progress: bool = False,
+                 device: torch.device | None = None) -> nn.Module:
     linears = target_linears(model, spec.quantize_lm_head)
     for name, linear in tqdm(linears.items(), desc="rtn", disable=not progress, unit="layer"):
+        home = linear.weight.device
+        linear.to(device or home)
         params = grid.compute_params(linear.weight, spec.bits, spec.group_size, spec.sym)
         codes = grid.quantize(linear.weight, params, spec.bits, spec.group_size)
-        set_module(model, name, QuantLinear.from_codes(linear, codes, params, spec.group_size, spec.sym, spec.bits))
+        packed = QuantLinear.from_codes(linear, codes, params, spec.group_size, spec.sym, spec.bits)
+        set_module(model, name, packed.to(home))
     return model

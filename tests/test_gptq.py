@@ -81,6 +81,37 @@ def test_act_order_does_not_hurt_with_large_channels(weight, bits):
     assert errs[True] <= 1.05 * errs[False]
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_rows_are_solved_independently(weight, act_order):
+    # What lets q, k and v (gate and up) be solved as one matrix over their shared Hessian.
+    H, spec, opts = hessian_of(correlated_inputs()), QuantSpec("gptq", 4, 48), GPTQOptions(act_order=act_order)
+    together, params = solve(weight, H, spec, opts)
+    top, top_params = solve(weight[:40], H, spec, opts)
+    bottom, _ = solve(weight[40:], H, spec, opts)
+    assert torch.equal(together, torch.cat([top, bottom]))
+    assert torch.equal(params.scale[:40], top_params.scale)
+
+
+def test_linears_reading_one_input_share_one_hessian(tiny):
+    from quantizers.arch import decoder_layers, target_linears
+    from quantizers.calibration import capture_inputs, first_block_inputs, run_block
+    from quantizers.gptq import _block_hessians
+
+    model, _ = tiny
+    calib = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(0))
+    inputs, kwargs = first_block_inputs(model, calib)
+    block = decoder_layers(model)[0]
+    linears = target_linears(block)
+    shared = _block_hessians(block, linears, inputs, kwargs)
+    assert shared["self_attn.q_proj"] is shared["self_attn.v_proj"] is shared["self_attn.k_proj"]
+    assert shared["mlp.gate_proj"] is shared["mlp.up_proj"] and shared["mlp.up_proj"] is not shared["mlp.down_proj"]
+    separate = {n: Hessian(m.in_features, m.weight.device) for n, m in linears.items()}
+    with capture_inputs(linears, lambda n, x: separate[n].add_batch(x)):
+        run_block(block, inputs, kwargs)
+    for name in linears:
+        torch.testing.assert_close(shared[name].H, separate[name].H)
+
+
 def test_nan_hessian_is_refused(weight):
     H = torch.eye(160)
     H[3, 3] = float("nan")
