@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from torch import Tensor
 
 from .errors import UserError
 
-CORPORA = ("pydoc", "wikitext2", "c4")  # or a path to a local text file
+CORPORA = ("pydoc", "pycode", "wikitext2", "c4")  # or a path to a local text file
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,13 @@ def load_corpus(name: str) -> CorpusText:
         from pydoc_data.topics import topics
 
         return CorpusText(name, *split_documents(dict(topics)))
+    if name == "pycode":
+        # Another domain than pydoc's prose: the source of the standard library's top-level modules.
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        modules = {p.name: p.read_text(encoding="utf-8", errors="replace") for p in stdlib.glob("*.py")}
+        if not modules:
+            raise UserError(f"no standard library sources under {stdlib}: this Python ships none; use another corpus")
+        return CorpusText(name, *split_documents(modules))
     if name == "wikitext2":
         test = _hf_dataset("wikitext", "wikitext-2-raw-v1", "test")
         train = _hf_dataset("wikitext", "wikitext-2-raw-v1", "train")

@@ -16,6 +16,18 @@ def test_pydoc_parts_are_disjoint_and_stable():
     assert 0.3 < sum(e for e, _ in placed) / len(placed) < 0.7
 
 
+def test_pycode_is_the_stdlib_source_split_by_module():
+    import sysconfig
+    from pathlib import Path
+
+    corpus = data.load_corpus("pycode")
+    sources = [p.read_text(encoding="utf-8", errors="replace")
+               for p in Path(sysconfig.get_paths()["stdlib"]).glob("*.py")]
+    placed = [(src in corpus.eval_text, src in corpus.calib_text) for src in sources if len(src) > 2000]
+    assert len(placed) > 50 and all(in_eval != in_calib for in_eval, in_calib in placed)
+    assert "def " in corpus.eval_text and corpus.eval_text not in data.load_corpus("pydoc").eval_text
+
+
 def test_local_text_file_is_a_corpus(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("\n\n".join(f"paragraph {i} " * 20 for i in range(40)))
