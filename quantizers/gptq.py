@@ -74,7 +74,7 @@ def solve(W: Tensor, H: Tensor, spec: QuantSpec, opts: GPTQOptions) -> tuple[Ten
     W[:, dead] = 0
     find_params = grid.search_params if opts.mse_clip else grid.compute_params
     static = find_params(W, spec.bits, spec.group_size, spec.sym) if opts.act_order else None
-    perm = torch.argsort(torch.diag(H), descending=True) if opts.act_order else torch.arange(columns)
+    perm = torch.argsort(torch.diag(H), descending=True) if opts.act_order else torch.arange(columns, device=H.device)
     W, H = W[:, perm], H[perm][:, perm]
     Hinv = _inverse_hessian_cholesky(H, opts.percdamp)
     d = torch.diagonal(Hinv)

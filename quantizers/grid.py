@@ -80,7 +80,7 @@ def search_params(w: Tensor, bits: int, group_size: int, sym: bool, steps: int =
 def _to_float16_rounding_up(scale: Tensor) -> Tensor:
     # A stored scale below the true one would shrink the grid and clip the extremes by more than half a step.
     stored = scale.to(torch.float16)
-    return torch.where(stored.float() < scale, torch.nextafter(stored, torch.tensor(torch.inf, dtype=stored.dtype)),
+    return torch.where(stored.float() < scale, torch.nextafter(stored, torch.full_like(stored, torch.inf)),
                        stored)
 
 

@@ -39,11 +39,12 @@ class QuantLinear(nn.Module):
         cls, linear: nn.Linear, codes: Tensor, params: grid.GridParams, group_size: int, sym: bool, bits: int
     ) -> QuantLinear:
         layer = cls(linear.in_features, linear.out_features, bits, group_size, sym, linear.bias)
+        layer.to(linear.weight.device)
         layer.qweight.copy_(packing.pack(codes, bits))
         layer.scales.copy_(params.scale)
         if not sym:
             layer.zeros.copy_(params.zero)
-        return layer.to(linear.weight.device)
+        return layer
 
     def grid_params(self) -> grid.GridParams:
         zero = self.zeros
