@@ -62,8 +62,12 @@ def _inverse_hessian_cholesky(H: Tensor, percdamp: float) -> Tensor:
     raise RuntimeError("GPTQ: the Hessian stays singular even with heavy dampening")
 
 
-def solve(W: Tensor, H: Tensor, spec: QuantSpec, opts: GPTQOptions) -> tuple[Tensor, grid.GridParams]:
-    """GPTQ's codes and grid parameters for weight W (out, in) given its input Hessian H (in, in)."""
+def solve(W: Tensor, H: Tensor, spec: QuantSpec, opts: GPTQOptions, kernel: str = "auto"
+          ) -> tuple[Tensor, grid.GridParams]:
+    """GPTQ's codes and grid parameters for weight W (out, in) given its input Hessian H (in, in).
+
+    `kernel` runs the column loop of each block: "torch" (one column at a time), "triton" (one
+    launch per block; static groups only), or "auto" (triton on a GPU when act-order is on)."""
     if not torch.isfinite(H).all():
         raise ValueError("GPTQ: the Hessian holds NaN or inf: the calibration activations overflowed")
     W, H = W.float().clone(), H.clone()
@@ -87,27 +91,43 @@ def solve(W: Tensor, H: Tensor, spec: QuantSpec, opts: GPTQOptions) -> tuple[Ten
     else:
         scale = torch.zeros(W.shape[0], grid.n_groups(columns, spec.group_size), dtype=torch.float16, device=W.device)
         zero = torch.zeros_like(scale, dtype=torch.uint8)
+    block_kernel = _block_kernel(kernel, W.device, static is not None)
     for i1 in range(0, columns, opts.block_size):
         i2 = min(i1 + opts.block_size, columns)
         W1, Err1 = Wt[i1:i2].clone(), torch.empty_like(Wt[i1:i2])
         if static is not None:  # every column's group parameters, gathered once per block
             S, Z = scale.float().T[group_of[i1:i2]], zero.float().T[group_of[i1:i2]]
-        for i in range(i2 - i1):
-            if static is not None:
-                s, z = S[i], Z[i]
-            elif (i1 + i) % size == 0:  # no act-order: a group's parameters when its first column arrives
-                upcoming = torch.cat([W1[i:], Wt[i2:]])[:size].T  # its columns, as updated so far
-                p = find_params(upcoming, spec.bits, -1, spec.sym)
-                g = (i1 + i) // size
-                scale[:, g], zero[:, g] = p.scale[:, 0], p.zero[:, 0]
-                s, z = p.scale[:, 0].float(), p.zero[:, 0].float()
-            w, q, err = W1[i], codes_t[i1 + i], Err1[i]
-            torch.div(w, s, out=q).round_().add_(z).clamp_(0, 2**spec.bits - 1)
-            torch.addcmul(w, q - z, s, value=-1, out=err).div_(d[i1 + i])  # (w - ŵ) / [H⁻¹]_ii
-            W1[i:].addr_(Hinv[i1 + i, i1 + i : i2], err, alpha=-1)
+        if block_kernel is not None:
+            codes_t[i1:i2], Err1 = block_kernel(W1, S, Z, Hinv[i1:i2, i1:i2], 2**spec.bits - 1)
+        else:
+            for i in range(i2 - i1):
+                if static is not None:
+                    s, z = S[i], Z[i]
+                elif (i1 + i) % size == 0:  # no act-order: a group's parameters when its first column arrives
+                    upcoming = torch.cat([W1[i:], Wt[i2:]])[:size].T  # its columns, as updated so far
+                    p = find_params(upcoming, spec.bits, -1, spec.sym)
+                    g = (i1 + i) // size
+                    scale[:, g], zero[:, g] = p.scale[:, 0], p.zero[:, 0]
+                    s, z = p.scale[:, 0].float(), p.zero[:, 0].float()
+                w, q, err = W1[i], codes_t[i1 + i], Err1[i]
+                torch.div(w, s, out=q).round_().add_(z).clamp_(0, 2**spec.bits - 1)
+                torch.addcmul(w, q - z, s, value=-1, out=err).div_(d[i1 + i])  # (w - ŵ) / [H⁻¹]_ii
+                W1[i:].addr_(Hinv[i1 + i, i1 + i : i2], err, alpha=-1)
         Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
     codes = codes_t.T[:, torch.argsort(perm)].to(torch.uint8)  # back to the original column order
     return codes, grid.GridParams(scale=scale, zero=zero)
+
+
+def _block_kernel(kernel: str, device: torch.device, static_groups: bool):
+    if kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"kernel={kernel!r}: use auto, torch or triton")
+    if kernel == "torch" or kernel == "auto" and (device.type != "cuda" or not static_groups):
+        return None
+    if not static_groups:
+        raise ValueError("the triton block kernel needs static groups (act_order=true)")
+    from .kernels.gptq_block import quantize_block  # imports triton
+
+    return quantize_block
 
 
 @register("gptq", needs_calibration=True)

@@ -112,6 +112,17 @@ def test_linears_reading_one_input_share_one_hessian(tiny):
         torch.testing.assert_close(shared[name].H, separate[name].H)
 
 
+@pytest.mark.parametrize(("bits", "group_size", "block_size"), [(4, 48, 128), (3, 32, 64), (8, -1, 100)])
+def test_triton_block_kernel_gives_the_torch_loops_codes(weight, bits, group_size, block_size):
+    pytest.importorskip("triton")  # run by its CPU interpreter (conftest)
+    H, spec = hessian_of(correlated_inputs(outliers=2)), QuantSpec("gptq", bits, group_size)
+    opts = GPTQOptions(block_size=block_size)
+    by_torch, params = solve(weight, H, spec, opts, kernel="torch")
+    by_triton, triton_params = solve(weight, H, spec, opts, kernel="triton")
+    assert torch.equal(params.scale, triton_params.scale)
+    assert (by_torch != by_triton).float().mean() < 1e-3  # float rounding may flip a rare tie
+
+
 def test_nan_hessian_is_refused(weight):
     H = torch.eye(160)
     H[3, 3] = float("nan")
