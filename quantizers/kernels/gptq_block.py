@@ -19,7 +19,7 @@ ROWS_PER_PROGRAM = 32
 # Adding 1.5·2^23 leaves no fraction bits in float32, so the addition rounds as torch.round does
 # (ties to even); exact for |x| < 2^22, and larger values keep their sign and are clamped anyway.
 # (libdevice.rint would do, but Triton's CPU interpreter, which the tests use, lacks it.)
-ROUNDING_SHIFT = 12582912.0
+ROUNDING_SHIFT = tl.constexpr(12582912.0)
 
 
 @triton.jit
