@@ -21,9 +21,21 @@ class _ReachedFirstBlock(Exception):
     pass
 
 
+# Samples go through a block together up to this many tokens: fewer, larger launches.
+TOKENS_PER_BATCH = 16384
+
+
+def sample_batches(calib: Tensor, tokens_per_batch: int = TOKENS_PER_BATCH) -> list[Tensor]:
+    """Equal batches of calibration samples (equal, so the captured keyword arguments fit every one)."""
+    n, seqlen = calib.shape
+    size = max(d for d in range(1, n + 1) if n % d == 0 and d * seqlen <= max(tokens_per_batch, seqlen))
+    return list(calib.split(size))
+
+
 @torch.no_grad()
 def first_block_inputs(model: nn.Module, calib: Tensor) -> tuple[list[Tensor], dict[str, Any]]:
-    """Hidden states entering block 0 for each sample, and the keyword arguments blocks are called with."""
+    """Hidden states entering block 0 for each batch of samples, and the keyword arguments blocks are
+    called with."""
     block = decoder_layers(model)[0]
     hidden, kwargs = [], {}
 
@@ -35,9 +47,9 @@ def first_block_inputs(model: nn.Module, calib: Tensor) -> tuple[list[Tensor], d
     handle = block.register_forward_pre_hook(capture, with_kwargs=True)
     device = next(model.parameters()).device
     try:
-        for sample in calib:
+        for batch in sample_batches(calib):
             try:
-                model(sample[None].to(device), use_cache=False)
+                model(batch.to(device), use_cache=False)
             except _ReachedFirstBlock:
                 pass
     finally:

@@ -4,6 +4,7 @@ error onto the columns not yet quantized through the inverse Hessian of the laye
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ class GPTQOptions:
     block_size: int = 128  # columns updated lazily together
     act_order: bool = True  # columns in descending diag(H); groups stay static (contiguous in storage)
     mse_clip: bool = False  # per group, search the range shrink with least rounding error
+    true_sequential: bool = True  # each linear's inputs come from the block's already-quantized linears
 
     def __post_init__(self) -> None:
         if not 0 <= self.percdamp < 1:
@@ -141,11 +143,12 @@ def quantize_gptq(model: nn.Module, spec: QuantSpec, calib: Tensor | None, progr
     for _, block, inputs, kwargs in tqdm(blocks, desc="gptq", disable=not progress, unit="block",
                                          total=len(decoder_layers(model))):
         linears = target_linears(block)
-        hessians = _block_hessians(block, linears, inputs, kwargs)
-        for names in _sharing_one_input(hessians):
+        stages = _sequential_stages(block, linears, inputs, kwargs) if opts.true_sequential else (
+            _sharing_one_input(_block_hessians(block, linears, inputs, kwargs)))
+        for names, hessian in stages:
             # GPTQ treats rows independently: linears that read one input are solved as one matrix.
             weight = torch.cat([linears[n].weight for n in names])
-            codes, params = solve(weight, hessians[names[0]].H, spec, opts)
+            codes, params = solve(weight, hessian.H, spec, opts)
             row = 0
             for n in names:
                 rows = slice(row, row + linears[n].out_features)
@@ -156,10 +159,15 @@ def quantize_gptq(model: nn.Module, spec: QuantSpec, calib: Tensor | None, progr
     return model
 
 
-def _block_hessians(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[Tensor], kwargs: dict
-                    ) -> dict[str, Hessian]:
+class _GroupComplete(Exception):
+    pass
+
+
+def _block_hessians(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[Tensor], kwargs: dict,
+                    first_group_only: bool = False) -> dict[str, Hessian]:
     """Each linear's input Hessian over the calibration samples; linears that read the very same
-    tensor (q, k, v; gate, up) share one Hessian, accumulated once."""
+    tensor (q, k, v; gate, up) share one Hessian, accumulated once. With `first_group_only`, each
+    forward stops as soon as the first group of linears has its input."""
     hessians: dict[str, Hessian] = {}
     last: dict[str, object] = {}
 
@@ -167,17 +175,36 @@ def _block_hessians(block: nn.Module, linears: dict[str, nn.Linear], inputs: lis
         if last.get("x") is x:
             hessians.setdefault(name, last["hessian"])
             return
+        if first_group_only and last:
+            raise _GroupComplete
         hessian = hessians.setdefault(name, Hessian(x.shape[-1], x.device))
         hessian.add_batch(x)
         last.update(x=x, hessian=hessian)
 
     with capture_inputs(linears, on_input):
-        run_block(block, inputs, kwargs)
+        for batch in inputs:
+            last.clear()
+            try:
+                run_block(block, [batch], kwargs)
+            except _GroupComplete:
+                pass
     return hessians
 
 
-def _sharing_one_input(hessians: dict[str, Hessian]) -> list[list[str]]:
-    groups: dict[int, list[str]] = {}
+def _sharing_one_input(hessians: dict[str, Hessian]) -> list[tuple[list[str], Hessian]]:
+    groups: dict[int, tuple[list[str], Hessian]] = {}
     for name, hessian in hessians.items():
-        groups.setdefault(id(hessian), []).append(name)
+        groups.setdefault(id(hessian), ([], hessian))[0].append(name)
     return list(groups.values())
+
+
+def _sequential_stages(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[Tensor], kwargs: dict
+                       ) -> Iterator[tuple[list[str], Hessian]]:
+    """The reference implementation's true-sequential order: groups of linears in the order the block
+    runs them, each group's Hessian captured after the caller has quantized the groups before it."""
+    done: set[str] = set()
+    while len(done) < len(linears):
+        pending = {n: m for n, m in linears.items() if n not in done}
+        names, hessian = _sharing_one_input(_block_hessians(block, pending, inputs, kwargs, True))[0]
+        yield names, hessian
+        done.update(names)

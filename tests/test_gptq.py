@@ -112,6 +112,42 @@ def test_linears_reading_one_input_share_one_hessian(tiny):
         torch.testing.assert_close(shared[name].H, separate[name].H)
 
 
+def test_true_sequential_stages_follow_the_block_and_see_quantized_inputs(tiny):
+    from quantizers.arch import decoder_layers, set_module, target_linears
+    from quantizers.calibration import first_block_inputs
+    from quantizers.gptq import _block_hessians, _sequential_stages
+
+    model, _ = tiny
+    model = copy.deepcopy(model)
+    calib = torch.randint(0, 256, (4, 40), generator=torch.Generator().manual_seed(0))
+    inputs, kwargs = first_block_inputs(model, calib)
+    block = decoder_layers(model)[0]
+    linears = target_linears(block)
+    unquantized = _block_hessians(block, linears, inputs, kwargs)
+    order = []
+    for names, hessian in _sequential_stages(block, linears, inputs, kwargs):
+        order.append(names)
+        if names == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]:
+            torch.testing.assert_close(hessian.H, unquantized[names[0]].H)  # nothing quantized before them
+        else:  # its input passed through the quantized linears before it
+            assert not torch.allclose(hessian.H, unquantized[names[0]].H, rtol=1e-3, atol=1e-5)
+        for n in names:  # a crude stand-in for quantization: the inputs downstream must change
+            linear = linears[n]
+            set_module(block, n, torch.nn.Linear(linear.in_features, linear.out_features, bias=False))
+    assert order == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                     ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+
+
+def test_calibration_batches_are_equal_and_cover_every_sample():
+    from quantizers.calibration import sample_batches
+
+    calib = torch.arange(12 * 5).reshape(12, 5)
+    batches = sample_batches(calib, tokens_per_batch=20)
+    assert [len(b) for b in batches] == [4, 4, 4] and torch.equal(torch.cat(batches), calib)
+    assert [len(b) for b in sample_batches(calib[:7], tokens_per_batch=20)] == [1] * 7  # 7 is prime
+    assert len(sample_batches(calib, tokens_per_batch=1)) == 12
+
+
 @pytest.mark.parametrize(("bits", "group_size", "block_size"), [(4, 48, 128), (3, 32, 64), (8, -1, 100)])
 def test_triton_block_kernel_gives_the_torch_loops_codes(weight, bits, group_size, block_size):
     pytest.importorskip("triton")  # run by its CPU interpreter (conftest)
@@ -156,5 +192,6 @@ def test_tiny_sweep_with_gptq_runs_end_to_end(tmp_path):
     records = {r["quant"]["method"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json"))}
     gptq = records["gptq"]
     assert gptq["status"] == "ok" and gptq["data"]["calib"]["n_samples"] == 4
-    assert gptq["quant"]["options"] == {"percdamp": 0.01, "block_size": 128, "act_order": True, "mse_clip": False}
+    assert gptq["quant"]["options"] == {"percdamp": 0.01, "block_size": 128, "act_order": True, "mse_clip": False,
+                                       "true_sequential": True}
     assert gptq["metrics"]["kl/pydoc"] > 0
