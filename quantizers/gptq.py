@@ -26,7 +26,7 @@ class GPTQOptions:
     percdamp: float = 0.01  # dampening, as a fraction of the mean of diag(H)
     block_size: int = 128  # columns updated lazily together
     act_order: bool = True  # columns in descending diag(H); groups stay static (contiguous in storage)
-    mse_clip: bool = False  # per group, search the range shrink with least rounding error
+    mse_clip: bool = True  # per group, search the range shrink with least rounding error
     true_sequential: bool = True  # each linear's inputs come from the block's already-quantized linears
 
     def __post_init__(self) -> None:

@@ -63,7 +63,7 @@ def test_hessian_is_the_running_mean_of_2xxT():
 @pytest.mark.parametrize("act_order", [False, True])
 def test_identity_hessian_gives_rtn(weight, act_order):
     spec = QuantSpec("gptq", 4, 32)
-    codes, params = solve(weight, torch.eye(160), spec, GPTQOptions(act_order=act_order))
+    codes, params = solve(weight, torch.eye(160), spec, GPTQOptions(act_order=act_order, mse_clip=False))
     rtn = grid.compute_params(weight, 4, 32, False)
     assert torch.equal(codes, grid.quantize(weight, rtn, 4, 32))
     assert torch.equal(params.scale, rtn.scale)
@@ -192,6 +192,6 @@ def test_tiny_sweep_with_gptq_runs_end_to_end(tmp_path):
     records = {r["quant"]["method"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json"))}
     gptq = records["gptq"]
     assert gptq["status"] == "ok" and gptq["data"]["calib"]["n_samples"] == 4
-    assert gptq["quant"]["options"] == {"percdamp": 0.01, "block_size": 128, "act_order": True, "mse_clip": False,
+    assert gptq["quant"]["options"] == {"percdamp": 0.01, "block_size": 128, "act_order": True, "mse_clip": True,
                                        "true_sequential": True}
     assert gptq["metrics"]["kl/pydoc"] > 0
