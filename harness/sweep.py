@@ -66,6 +66,7 @@ def make_point(cfg: dict[str, Any]) -> Point:
         quantizer = quantizers.get_quantizer(q["method"])
         spec = QuantSpec(q["method"], q.get("bits"), q.get("group_size"), bool(q.get("sym", False)),
                          bool(q.get("quantize_lm_head", False)), knobs)
+        quantizer.check_options(spec.options)
     except QuantSpecError as e:
         raise UserError(str(e)) from None
     _validate_eval(cfg["eval"])

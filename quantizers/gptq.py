@@ -132,7 +132,7 @@ def _block_kernel(kernel: str, device: torch.device, static_groups: bool):
     return quantize_block
 
 
-@register("gptq", needs_calibration=True)
+@register("gptq", needs_calibration=True, options=GPTQOptions)
 @torch.no_grad()
 def quantize_gptq(model: nn.Module, spec: QuantSpec, calib: Tensor | None, progress: bool = False,
                   device: torch.device | None = None) -> nn.Module:

@@ -18,14 +18,29 @@ class Quantizer:
     name: str
     quantize: QuantizeFn  # (model, spec, calib, progress, device) -> model, modified in place
     needs_calibration: bool
+    options: type | None = None  # a dataclass of the method's own knobs, validated on construction
+
+    def check_options(self, options: dict) -> None:
+        """Raise QuantSpecError for an unknown or invalid option, before any work starts."""
+        if self.options is None:
+            if options:
+                raise QuantSpecError(f"{self.name} takes no options; got {', '.join(sorted(options))}")
+            return
+        known = set(self.options.__dataclass_fields__)
+        unknown = set(options) - known
+        if unknown:
+            raise QuantSpecError(f"{self.name} has no option {', '.join(sorted(unknown))}: "
+                                 f"its options are {', '.join(sorted(known))}")
+        self.options(**options)
 
 
 QUANTIZERS: dict[str, Quantizer] = {}
 
 
-def register(name: str, needs_calibration: bool = False) -> Callable[[QuantizeFn], QuantizeFn]:
+def register(name: str, needs_calibration: bool = False, options: type | None = None
+             ) -> Callable[[QuantizeFn], QuantizeFn]:
     def add(fn: QuantizeFn) -> QuantizeFn:
-        QUANTIZERS[name] = Quantizer(name, fn, needs_calibration)
+        QUANTIZERS[name] = Quantizer(name, fn, needs_calibration, options)
         return fn
 
     return add

@@ -11,6 +11,8 @@ QUICK = ["model=tiny-llama", "eval=quick"]
         (["quant=nope"], "quant/nope"),
         (["quant.nope=1"], "nope"),
         (["quant=rtn", "quant.bits=9"], "quant.bits=9 is not supported: use an integer from 2 to 8"),
+        (["quant=gptq", "quant.bits=9"], "quant.bits=9 is not supported: use an integer from 2 to 8"),
+        (["quant=gptq", "quant.percdamp=2"], "quant.percdamp=2 must be in [0, 1)"),
         (["quant=rtn", "quant.bits=1"], "from 2 to 8"),
         (["quant=rtn", "quant.group_size=0"], "quant.group_size=0 is not valid"),
         (["quant=rtn", "quant.group_size=-2"], "quant.group_size=-2 is not valid"),
@@ -44,3 +46,12 @@ def test_unknown_command_and_missing_folder(tmp_path):
     assert "unknown command 'nope'" in run_cli("nope").stderr
     proc = run_cli("report", str(tmp_path))
     assert proc.returncode == 2 and "holds no run records" in proc.stderr
+
+
+def test_calibration_text_shorter_than_one_sample(tmp_path):
+    small = tmp_path / "small.txt"
+    small.write_text("alpha beta\n\ngamma delta\n\nepsilon\n\nzeta eta\n")
+    proc = run_cli("run", *QUICK, "quant=gptq", f"calib.corpus={small}", f"out_dir={tmp_path}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "fewer than one sample of calib.seqlen=2048: lower calib.seqlen" in proc.stderr
+    assert not list(tmp_path.glob("runs/*.json"))
