@@ -127,8 +127,13 @@ def _block_kernel(kernel: str, device: torch.device, static_groups: bool):
         return None
     if not static_groups:
         raise ValueError("the triton block kernel needs static groups (act_order=true)")
-    from .kernels.gptq_block import quantize_block  # imports triton
-
+    try:
+        from .kernels.gptq_block import quantize_block  # imports triton
+    except ImportError:
+        if kernel == "triton":
+            raise
+        log.warning("GPTQ: triton is not installed; the column loop runs in torch (slower)")
+        return None
     return quantize_block
 
 
