@@ -1,6 +1,6 @@
 """The bundled quantizers: `quantize(model, spec, calib)` on any transformers causal LM."""
 
-from . import baseline, gptq, rtn  # noqa: F401  (registers the methods)
+from . import awq, baseline, gptq, rtn  # noqa: F401  (registers the methods)
 from .linear import QuantLinear
 from .registry import QUANTIZERS, get_quantizer, quantize, register
 from .spec import QuantSpec, QuantSpecError

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
 
@@ -33,3 +35,40 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
             f"as in {', '.join(KNOWN_DECODERS)}"
         )
     return layers
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """Linears that read one input, and the op that produces it: AWQ folds 1/s into `prev` and s
+    into the linears, so the unquantized block computes the same function."""
+
+    prev: str  # an RMSNorm (its weight) or a linear (its output rows)
+    linears: tuple[str, ...]
+
+
+LLAMA_SCALE_GROUPS = (
+    ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",)),  # only without grouped-query attention
+    ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
+)
+
+
+def scale_groups(block: nn.Module) -> list[ScaleGroup]:
+    """The foldable groups of one Llama-family decoder block; raises naming the linears it cannot map."""
+    names = set(dict(block.named_modules()))
+    groups = [g for g in LLAMA_SCALE_GROUPS if g.prev in names and all(n in names for n in g.linears)]
+    groups = [g for g in groups if _foldable(block, g)]
+    mapped = {n for g in groups for n in g.linears}
+    unmapped = sorted(set(target_linears(block)) - mapped - {"self_attn.o_proj"})
+    if unmapped:
+        raise ValueError(f"AWQ does not know where to fold the scales of {', '.join(unmapped)} "
+                         f"in {type(block).__name__}")
+    return groups
+
+
+def _foldable(block: nn.Module, group: ScaleGroup) -> bool:
+    # v -> o folds only when v's outputs map one to one onto o's inputs (no grouped-query attention).
+    prev = block.get_submodule(group.prev)
+    width = block.get_submodule(group.linears[0]).in_features
+    return not isinstance(prev, nn.Linear) or prev.out_features == width

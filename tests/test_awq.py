@@ -1,0 +1,91 @@
+import copy
+import json
+
+import pytest
+import torch
+
+import quantizers
+from quantizers import QuantSpec, grid
+from quantizers.arch import decoder_layers, scale_groups
+from quantizers.awq import fold_scale, search_scale
+
+
+def inputs_with_large_channels(n=2048, columns=160, seed=0, dtype=torch.float32, size=30.0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, columns, generator=gen)
+    x[:, :6] *= size  # a few channels carry most of the activation
+    return x.to(dtype)
+
+
+def test_folding_scales_leaves_the_unquantized_block_unchanged(tiny):
+    model, _ = tiny
+    model = copy.deepcopy(model)
+    block = decoder_layers(model)[0]
+    hidden = torch.randn(2, 24, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    position_ids = torch.arange(24)[None]
+    kwargs = {"position_embeddings": model.model.rotary_emb(hidden, position_ids), "attention_mask": None}
+    before = block(hidden, **kwargs)
+    before = before[0] if isinstance(before, tuple) else before
+    groups = scale_groups(block)
+    assert [g.prev for g in groups] == ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"]  # GQA: no v->o
+    gen = torch.Generator().manual_seed(1)
+    for group in groups:
+        width = block.get_submodule(group.linears[0]).in_features
+        fold_scale(block, group, torch.rand(width, generator=gen) * 4 + 0.25)
+    after = block(hidden, **kwargs)
+    after = after[0] if isinstance(after, tuple) else after
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_scale_search_lowers_output_error_against_rtn(bits):
+    x = inputs_with_large_channels()
+    w = torch.randn(96, 160, generator=torch.Generator().manual_seed(2))
+    spec = QuantSpec("awq", bits, 32)
+    s = search_scale(x, w, spec, grid_points=20)
+    awq = grid.fake_quantize(w * s, bits, 32, False) / s
+    rtn = grid.fake_quantize(w, bits, 32, False)
+    err = {name: (x @ (w - w_hat).T).norm() for name, w_hat in {"awq": awq, "rtn": rtn}.items()}
+    assert err["awq"] < 0.9 * err["rtn"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_search_stays_finite_with_very_large_activations_in_half_precision(dtype):
+    x = inputs_with_large_channels(dtype=dtype, size=3000.0)  # x @ w overflows float16 unless upcast
+    w = torch.randn(96, 160, generator=torch.Generator().manual_seed(3)).to(dtype)
+    s = search_scale(x, w, QuantSpec("awq", 4, 32), grid_points=20)
+    assert torch.isfinite(s).all() and not torch.equal(s, torch.ones_like(s))
+
+
+def test_whole_model_awq_is_deterministic_and_beats_rtn(tiny):
+    model, _ = tiny
+    calib = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    spec = QuantSpec("awq", 3, 32)
+    a = quantizers.quantize(copy.deepcopy(model), spec, calib)
+    b = quantizers.quantize(copy.deepcopy(model), spec, calib)
+    qa = [m.qweight for m in a.modules() if isinstance(m, quantizers.QuantLinear)]
+    qb = [m.qweight for m in b.modules() if isinstance(m, quantizers.QuantLinear)]
+    assert len(qa) == 14 and all(torch.equal(x, y) for x, y in zip(qa, qb, strict=True))
+    rtn = quantizers.quantize(copy.deepcopy(model), QuantSpec("rtn", 3, 32))
+    with torch.no_grad():
+        ref = model(calib).logits
+        assert (a(calib).logits - ref).norm() < (rtn(calib).logits - ref).norm()
+
+
+def test_unknown_folding_map_names_the_layers(tiny):
+    model, _ = tiny
+    block = copy.deepcopy(decoder_layers(model)[0])
+    block.extra_proj = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match="extra_proj"):
+        scale_groups(block)
+
+
+def test_tiny_sweep_with_awq_runs_end_to_end(tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli("sweep", "model=tiny-llama", "eval=quick", "quant=fp16,awq", "quant.bits=4", "quant.group_size=32",
+                   "calib.n_samples=4", "calib.seqlen=128", f"out_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = {r["quant"]["method"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json"))}
+    assert records["awq"]["status"] == "ok" and records["awq"]["metrics"]["kl/pydoc"] > 0
+    assert records["awq"]["quant"]["options"]["grid_points"] == 20
