@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import grid
+from . import gptq, grid
 from .arch import ScaleGroup, decoder_layers, scale_groups, set_module, target_linears
 from .calibration import blocks_with_inputs, capture_inputs, run_block
 from .linear import QuantLinear
@@ -82,15 +82,35 @@ def _group_inputs(block: nn.Module, groups: list[ScaleGroup], inputs: list[Tenso
     return out
 
 
+@dataclass(frozen=True)
+class AWQGPTQOptions(gptq.GPTQOptions, AWQOptions):
+    """AWQ's scale search, then GPTQ's rounding (GPTQ's mse_clip replaces AWQ's clip_search)."""
+
+    def __post_init__(self) -> None:
+        gptq.GPTQOptions.__post_init__(self)
+        AWQOptions.__post_init__(self)
+
+
 @register("awq", needs_calibration=True, options=AWQOptions)
 @torch.no_grad()
 def quantize_awq(model: nn.Module, spec: QuantSpec, calib: Tensor | None, progress: bool = False,
                  device: torch.device | None = None) -> nn.Module:
+    return _quantize(model, spec, calib, progress, device, AWQOptions(**spec.options), with_gptq=False)
+
+
+@register("awq_gptq", needs_calibration=True, options=AWQGPTQOptions)
+@torch.no_grad()
+def quantize_awq_gptq(model: nn.Module, spec: QuantSpec, calib: Tensor | None, progress: bool = False,
+                      device: torch.device | None = None) -> nn.Module:
+    return _quantize(model, spec, calib, progress, device, AWQGPTQOptions(**spec.options), with_gptq=True)
+
+
+def _quantize(model: nn.Module, spec: QuantSpec, calib: Tensor | None, progress: bool,
+              device: torch.device | None, opts: AWQOptions, with_gptq: bool) -> nn.Module:
     if calib is None:
-        raise QuantSpecError("awq needs calibration samples")
-    opts = AWQOptions(**spec.options)
+        raise QuantSpecError(f"{spec.method} needs calibration samples")
     blocks = blocks_with_inputs(model, calib, device)
-    for _, block, inputs, kwargs in tqdm(blocks, desc="awq", disable=not progress, unit="block",
+    for _, block, inputs, kwargs in tqdm(blocks, desc=spec.method, disable=not progress, unit="block",
                                          total=len(decoder_layers(model))):
         groups = scale_groups(block)
         xs = _group_inputs(block, groups, inputs, kwargs, opts.max_tokens)
@@ -100,11 +120,17 @@ def quantize_awq(model: nn.Module, spec: QuantSpec, calib: Tensor | None, progre
         for group in groups:
             weight = torch.cat([block.get_submodule(n).weight for n in group.linears])
             fold_scale(block, group, search_scale(xs[group.linears[0]], weight, spec, opts.grid_points))
-        find_params = grid.search_params if opts.clip_search else grid.compute_params
-        for name, linear in target_linears(block).items():
-            params = find_params(linear.weight, spec.bits, spec.group_size, spec.sym)
-            codes = grid.quantize(linear.weight, params, spec.bits, spec.group_size)
-            set_module(block, name, QuantLinear.from_codes(linear, codes, params, spec.group_size, spec.sym,
-                                                           spec.bits))
+        del xs
+        if with_gptq:
+            gptq.quantize_block(block, inputs, kwargs, spec, opts)
+        else:
+            _round_block(block, spec, opts.clip_search)
     return model
 
+
+def _round_block(block: nn.Module, spec: QuantSpec, clip_search: bool) -> None:
+    find_params = grid.search_params if clip_search else grid.compute_params
+    for name, linear in target_linears(block).items():
+        params = find_params(linear.weight, spec.bits, spec.group_size, spec.sym)
+        codes = grid.quantize(linear.weight, params, spec.bits, spec.group_size)
+        set_module(block, name, QuantLinear.from_codes(linear, codes, params, spec.group_size, spec.sym, spec.bits))

@@ -147,21 +147,26 @@ def quantize_gptq(model: nn.Module, spec: QuantSpec, calib: Tensor | None, progr
     blocks = blocks_with_inputs(model, calib, device)
     for _, block, inputs, kwargs in tqdm(blocks, desc="gptq", disable=not progress, unit="block",
                                          total=len(decoder_layers(model))):
-        linears = target_linears(block)
-        stages = _sequential_stages(block, linears, inputs, kwargs) if opts.true_sequential else (
-            _sharing_one_input(_block_hessians(block, linears, inputs, kwargs)))
-        for names, hessian in stages:
-            # GPTQ treats rows independently: linears that read one input are solved as one matrix.
-            weight = torch.cat([linears[n].weight for n in names])
-            codes, params = solve(weight, hessian.H, spec, opts)
-            row = 0
-            for n in names:
-                rows = slice(row, row + linears[n].out_features)
-                part = grid.GridParams(scale=params.scale[rows], zero=params.zero[rows])
-                packed = QuantLinear.from_codes(linears[n], codes[rows], part, spec.group_size, spec.sym, spec.bits)
-                set_module(block, n, packed)
-                row = rows.stop
+        quantize_block(block, inputs, kwargs, spec, opts)
     return model
+
+
+def quantize_block(block: nn.Module, inputs: list[Tensor], kwargs: dict, spec: QuantSpec, opts: GPTQOptions) -> None:
+    """Replace every linear of one decoder block by its GPTQ-quantized QuantLinear."""
+    linears = target_linears(block)
+    stages = _sequential_stages(block, linears, inputs, kwargs) if opts.true_sequential else (
+        _sharing_one_input(_block_hessians(block, linears, inputs, kwargs)))
+    for names, hessian in stages:
+        # GPTQ treats rows independently: linears that read one input are solved as one matrix.
+        weight = torch.cat([linears[n].weight for n in names])
+        codes, params = solve(weight, hessian.H, spec, opts)
+        row = 0
+        for n in names:
+            rows = slice(row, row + linears[n].out_features)
+            part = grid.GridParams(scale=params.scale[rows], zero=params.zero[rows])
+            set_module(block, n, QuantLinear.from_codes(linears[n], codes[rows], part, spec.group_size, spec.sym,
+                                                        spec.bits))
+            row = rows.stop
 
 
 class _GroupComplete(Exception):

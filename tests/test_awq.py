@@ -83,9 +83,10 @@ def test_unknown_folding_map_names_the_layers(tiny):
 def test_tiny_sweep_with_awq_runs_end_to_end(tmp_path):
     from conftest import run_cli
 
-    proc = run_cli("sweep", "model=tiny-llama", "eval=quick", "quant=fp16,awq", "quant.bits=4", "quant.group_size=32",
-                   "calib.n_samples=4", "calib.seqlen=128", f"out_dir={tmp_path}")
+    proc = run_cli("sweep", "model=tiny-llama", "eval=quick", "quant=fp16,awq,awq_gptq", "quant.bits=4",
+                   "quant.group_size=32", "calib.n_samples=4", "calib.seqlen=128", f"out_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = {r["quant"]["method"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json"))}
     assert records["awq"]["status"] == "ok" and records["awq"]["metrics"]["kl/pydoc"] > 0
     assert records["awq"]["quant"]["options"]["grid_points"] == 20
+    assert records["awq_gptq"]["status"] == "ok" and records["awq_gptq"]["quant"]["options"]["act_order"] is True
