@@ -69,17 +69,15 @@ def fold_scale(block: nn.Module, group: ScaleGroup, s: Tensor) -> None:
 
 def _group_inputs(block: nn.Module, groups: list[ScaleGroup], inputs: list[Tensor], kwargs: dict,
                   max_tokens: int) -> dict[str, Tensor]:
-    """Each group's input tokens (its first linear's), at most max_tokens, spread evenly, in float32."""
+    """Each group's input tokens (its first linear's), about max_tokens, strided evenly, in float32.
+    Only the kept tokens are stored: the full down_proj input of an 8B model would take gigabytes."""
     firsts = {g.linears[0]: block.get_submodule(g.linears[0]) for g in groups}
+    total_tokens = sum(h.shape[0] * h.shape[1] for h in inputs)
+    stride = -(-total_tokens // max_tokens)
     seen: dict[str, list[Tensor]] = {n: [] for n in firsts}
-    with capture_inputs(firsts, lambda name, x: seen[name].append(x.reshape(-1, x.shape[-1]))):
+    with capture_inputs(firsts, lambda name, x: seen[name].append(x.reshape(-1, x.shape[-1])[::stride].float())):
         run_block(block, inputs, kwargs)
-    out = {}
-    for name, chunks in seen.items():
-        x = torch.cat(chunks)
-        keep = torch.linspace(0, len(x) - 1, min(max_tokens, len(x)), device=x.device).round().long()
-        out[name] = x[keep].float()
-    return out
+    return {name: torch.cat(chunks) for name, chunks in seen.items()}
 
 
 @dataclass(frozen=True)
