@@ -35,7 +35,7 @@ def search_scale(x: Tensor, weight: Tensor, spec: QuantSpec, grid_points: int) -
     """Per-input-channel scale s minimising ‖x Wᵀ − (x/s) Q(W·s)ᵀ‖² over the α grid; s = 1 (plain
     rounding) is a candidate too, so the search never does worse than RTN on these tokens."""
     x, w = x.float(), weight.float()
-    x_mean, w_mean = x.abs().mean(0), w.abs().mean(0)
+    x_mean, w_mean = x.abs().mean(0), w.abs().mean(0).clamp(min=1e-8)  # a dead input channel stays finite
     reference = x @ w.T
     best_loss, best = None, torch.ones_like(x_mean)
     candidates = [None, *torch.linspace(0, 1, grid_points).tolist()] if grid_points > 1 else [None, 0.5]

@@ -90,3 +90,10 @@ def test_tiny_sweep_with_awq_runs_end_to_end(tmp_path):
     assert records["awq"]["status"] == "ok" and records["awq"]["metrics"]["kl/pydoc"] > 0
     assert records["awq"]["quant"]["options"]["grid_points"] == 20
     assert records["awq_gptq"]["status"] == "ok" and records["awq_gptq"]["quant"]["options"]["act_order"] is True
+
+
+def test_search_with_a_dead_input_channel_stays_finite():
+    x = inputs_with_large_channels()
+    w = torch.randn(96, 160, generator=torch.Generator().manual_seed(4))
+    w[:, 7] = 0
+    assert torch.isfinite(search_scale(x, w, QuantSpec("awq", 4, 32), grid_points=20)).all()
