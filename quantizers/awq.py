@@ -8,11 +8,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from . import gptq, grid
-from .arch import ScaleGroup, decoder_layers, scale_groups, set_module, target_linears
-from .calibration import blocks_with_inputs, capture_inputs, run_block
+from .arch import ScaleGroup, scale_groups, set_module, target_linears
+from .calibration import calibrated_blocks, capture_inputs, run_block
 from .linear import QuantLinear
 from .registry import register
 from .spec import QuantSpec, QuantSpecError
@@ -105,11 +104,7 @@ def quantize_awq_gptq(model: nn.Module, spec: QuantSpec, calib: Tensor | None, p
 
 def _quantize(model: nn.Module, spec: QuantSpec, calib: Tensor | None, progress: bool,
               device: torch.device | None, opts: AWQOptions, with_gptq: bool) -> nn.Module:
-    if calib is None:
-        raise QuantSpecError(f"{spec.method} needs calibration samples")
-    blocks = blocks_with_inputs(model, calib, device)
-    for _, block, inputs, kwargs in tqdm(blocks, desc=spec.method, disable=not progress, unit="block",
-                                         total=len(decoder_layers(model))):
+    for block, inputs, kwargs in calibrated_blocks(model, calib, device, spec.method, progress):
         groups = scale_groups(block)
         xs = _group_inputs(block, groups, inputs, kwargs, opts.max_tokens)
         # Folding one group's scale changes no other group's inputs (q/k/v outputs are unchanged;

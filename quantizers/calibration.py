@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .arch import decoder_layers
+from .spec import QuantSpecError
 
 
 class _ReachedFirstBlock(Exception):
@@ -84,6 +86,17 @@ def blocks_with_inputs(model: nn.Module, calib: Tensor, device: torch.device | N
         yield index, block, hidden, kwargs
         hidden = run_block(block, hidden, kwargs)
         block.to(home)
+
+
+def calibrated_blocks(model: nn.Module, calib: Tensor | None, device: torch.device | None, method: str,
+                      progress: bool = False) -> Iterator[tuple[nn.Module, list[Tensor], dict]]:
+    """blocks_with_inputs for a calibrated method: refuses a missing calibration set, shows progress."""
+    if calib is None:
+        raise QuantSpecError(f"{method} needs calibration samples")
+    blocks = blocks_with_inputs(model, calib, device)
+    for _, block, inputs, kwargs in tqdm(blocks, desc=method, disable=not progress, unit="block",
+                                         total=len(decoder_layers(model))):
+        yield block, inputs, kwargs
 
 
 def _to(value: Any, device: torch.device) -> Any:

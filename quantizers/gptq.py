@@ -9,11 +9,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from . import grid
-from .arch import decoder_layers, set_module, target_linears
-from .calibration import blocks_with_inputs, capture_inputs, run_block
+from .arch import set_module, target_linears
+from .calibration import calibrated_blocks, capture_inputs, run_block
 from .linear import QuantLinear
 from .registry import register
 from .spec import QuantSpec, QuantSpecError
@@ -141,12 +140,8 @@ def _block_kernel(kernel: str, device: torch.device, static_groups: bool):
 @torch.no_grad()
 def quantize_gptq(model: nn.Module, spec: QuantSpec, calib: Tensor | None, progress: bool = False,
                   device: torch.device | None = None) -> nn.Module:
-    if calib is None:
-        raise QuantSpecError("gptq needs calibration samples")
     opts = GPTQOptions(**spec.options)
-    blocks = blocks_with_inputs(model, calib, device)
-    for _, block, inputs, kwargs in tqdm(blocks, desc="gptq", disable=not progress, unit="block",
-                                         total=len(decoder_layers(model))):
+    for block, inputs, kwargs in calibrated_blocks(model, calib, device, spec.method, progress):
         quantize_block(block, inputs, kwargs, spec, opts)
     return model
 
