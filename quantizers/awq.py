@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from . import gptq, grid
 from .arch import ScaleGroup, scale_groups, set_module, target_linears
 from .calibration import calibrated_blocks, capture_inputs, run_block
-from .linear import QuantLinear
 from .registry import register
+from .rtn import round_linear
 from .spec import QuantSpec, QuantSpecError
 
 
@@ -117,13 +117,7 @@ def _quantize(model: nn.Module, spec: QuantSpec, calib: Tensor | None, progress:
         if with_gptq:
             gptq.quantize_block(block, inputs, kwargs, spec, opts)
         else:
-            _round_block(block, spec, opts.clip_search)
+            for name, linear in target_linears(block).items():
+                set_module(block, name, round_linear(linear, spec, opts.clip_search))
     return model
 
-
-def _round_block(block: nn.Module, spec: QuantSpec, clip_search: bool) -> None:
-    find_params = grid.search_params if clip_search else grid.compute_params
-    for name, linear in target_linears(block).items():
-        params = find_params(linear.weight, spec.bits, spec.group_size, spec.sym)
-        codes = grid.quantize(linear.weight, params, spec.bits, spec.group_size)
-        set_module(block, name, QuantLinear.from_codes(linear, codes, params, spec.group_size, spec.sym, spec.bits))

@@ -21,8 +21,13 @@ def quantize_rtn(model: nn.Module, spec: QuantSpec, calib: Tensor | None = None,
     for name, linear in tqdm(linears.items(), desc="rtn", disable=not progress, unit="layer"):
         home = linear.weight.device
         linear.to(device or home)
-        params = grid.compute_params(linear.weight, spec.bits, spec.group_size, spec.sym)
-        codes = grid.quantize(linear.weight, params, spec.bits, spec.group_size)
-        packed = QuantLinear.from_codes(linear, codes, params, spec.group_size, spec.sym, spec.bits)
-        set_module(model, name, packed.to(home))
+        set_module(model, name, round_linear(linear, spec).to(home))
     return model
+
+
+def round_linear(linear: nn.Linear, spec: QuantSpec, clip_search: bool = False) -> QuantLinear:
+    """The linear's weights rounded to nearest on its groups' grid (the range shrunk first with clip_search)."""
+    find_params = grid.search_params if clip_search else grid.compute_params
+    params = find_params(linear.weight, spec.bits, spec.group_size, spec.sym)
+    codes = grid.quantize(linear.weight, params, spec.bits, spec.group_size)
+    return QuantLinear.from_codes(linear, codes, params, spec.group_size, spec.sym, spec.bits)
