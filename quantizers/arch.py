@@ -44,13 +44,15 @@ class ScaleGroup:
 
     prev: str  # an RMSNorm (its weight) or a linear (its output rows)
     linears: tuple[str, ...]
+    watch: str  # the module whose output error the scale search minimises (it contains the linears)
 
 
 LLAMA_SCALE_GROUPS = (
-    ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",)),  # only without grouped-query attention
-    ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ScaleGroup("mlp.up_proj", ("mlp.down_proj",)),
+    ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+    # only without grouped-query attention:
+    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj"),
+    ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+    ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj"),
 )
 
 

@@ -4,6 +4,8 @@ and the salient weights lose less to rounding."""
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +13,7 @@ from torch import Tensor, nn
 
 from . import gptq, grid
 from .arch import ScaleGroup, scale_groups, set_module, target_linears
-from .calibration import calibrated_blocks, capture_inputs, run_block
+from .calibration import calibrated_blocks, capture_inputs, map_tensors, run_block
 from .registry import register
 from .rtn import round_linear
 from .spec import QuantSpec, QuantSpecError
@@ -20,8 +22,8 @@ from .spec import QuantSpec, QuantSpecError
 @dataclass(frozen=True)
 class AWQOptions:
     grid_points: int = 20  # values of α in [0, 1] tried for s = mean|x|^α / mean|w|^(1-α)
-    clip_search: bool = True  # per group, then shrink the weight range where that lowers rounding error
-    max_tokens: int = 8192  # calibration tokens per search (spread evenly over the samples)
+    clip_search: bool = True  # then shrink each group's range where that lowers the layer's output error
+    max_tokens: int = 8192  # calibration tokens the scale search runs the watched modules on
 
     def __post_init__(self) -> None:
         if self.grid_points < 1:
@@ -30,12 +32,14 @@ class AWQOptions:
             raise QuantSpecError(f"quant.max_tokens={self.max_tokens} must be positive")
 
 
-def search_scale(x: Tensor, weight: Tensor, spec: QuantSpec, grid_points: int) -> Tensor:
-    """Per-input-channel scale s minimising ‖x Wᵀ − (x/s) Q(W·s)ᵀ‖² over the α grid; s = 1 (plain
-    rounding) is a candidate too, so the search never does worse than RTN on these tokens."""
-    x, w = x.float(), weight.float()
-    x_mean, w_mean = x.abs().mean(0), w.abs().mean(0).clamp(min=1e-8)  # a dead input channel stays finite
-    reference = x @ w.T
+def search_scale(x_mean: Tensor, weight: Tensor, spec: QuantSpec, grid_points: int,
+                 output: Callable[[Tensor], Tensor]) -> Tensor:
+    """Per-input-channel scale s minimising ‖output(W) − output(Q(W·s)/s)‖² over the α grid, where
+    `output(W)` is the watched module's output with the group's weights W (rows of its linears
+    stacked). s = 1 (plain rounding) is a candidate too: the search never does worse than RTN here."""
+    w = weight.float()
+    x_mean, w_mean = x_mean.float(), _weight_magnitude(w, spec.group_size)
+    reference = output(w).float()
     best_loss, best = None, torch.ones_like(x_mean)
     candidates = [None, *torch.linspace(0, 1, grid_points).tolist()] if grid_points > 1 else [None, 0.5]
     for alpha in candidates:
@@ -45,10 +49,18 @@ def search_scale(x: Tensor, weight: Tensor, spec: QuantSpec, grid_points: int) -
             s = (x_mean.pow(alpha) / w_mean.pow(1 - alpha)).clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()  # centred around 1: keeps the scaled weights in range
         w_q = grid.fake_quantize(w * s, spec.bits, spec.group_size, spec.sym) / s
-        loss = (x @ w_q.T - reference).pow(2).mean()
+        loss = (output(w_q).float() - reference).pow(2).mean()
         if torch.isfinite(loss) and (best_loss is None or loss < best_loss):
             best_loss, best = loss, s
     return best
+
+
+def _weight_magnitude(w: Tensor, group_size: int) -> Tensor:
+    """Mean over output rows of |w| relative to its group's largest: a channel's weight salience,
+    comparable across groups of different range. A dead channel stays above zero."""
+    wg = grid.to_groups(w.abs(), group_size)
+    wg = wg / wg.amax(dim=-1, keepdim=True).clamp(min=1e-12)
+    return grid.from_groups(wg, w.shape[1]).mean(0).clamp(min=1e-8)
 
 
 @torch.no_grad()
@@ -66,17 +78,57 @@ def fold_scale(block: nn.Module, group: ScaleGroup, s: Tensor) -> None:
         linear.weight.mul_(s[None, :].to(linear.weight.dtype))
 
 
-def _group_inputs(block: nn.Module, groups: list[ScaleGroup], inputs: list[Tensor], kwargs: dict,
-                  max_tokens: int) -> dict[str, Tensor]:
-    """Each group's input tokens (its first linear's), about max_tokens, strided evenly, in float32.
-    Only the kept tokens are stored: the full down_proj input of an 8B model would take gigabytes."""
+class _Watched:
+    """A float32 copy of the module a scale search watches, called on its captured float32 inputs
+    with the group's linears given new weights: half-precision activations of this size overflow."""
+
+    def __init__(self, block: nn.Module, group: ScaleGroup, args: tuple, kwargs: dict) -> None:
+        self.module = copy.deepcopy(block.get_submodule(group.watch)).float()
+        prefix = group.watch + "."
+        self.linears = [self.module.get_submodule(n.removeprefix(prefix) if n != group.watch else "")
+                        for n in group.linears]
+        self.args, self.kwargs = args, kwargs
+
+    def __call__(self, weight: Tensor) -> Tensor:
+        for linear, rows in zip(self.linears, weight.split([m.out_features for m in self.linears]), strict=True):
+            linear.weight.data = rows
+        out = self.module(*self.args, **self.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _capture(block: nn.Module, groups: list[ScaleGroup], inputs: list[Tensor], kwargs: dict, max_tokens: int
+             ) -> tuple[dict[str, Tensor], dict[str, tuple[tuple, dict]]]:
+    """Per group, mean |x| of its input channels over all calibration tokens; per watched module, its
+    inputs for the first samples of the first batch (about max_tokens tokens), in float32."""
     firsts = {g.linears[0]: block.get_submodule(g.linears[0]) for g in groups}
-    total_tokens = sum(h.shape[0] * h.shape[1] for h in inputs)
-    stride = -(-total_tokens // max_tokens)
-    seen: dict[str, list[Tensor]] = {n: [] for n in firsts}
-    with capture_inputs(firsts, lambda name, x: seen[name].append(x.reshape(-1, x.shape[-1])[::stride].float())):
-        run_block(block, inputs, kwargs)
-    return {name: torch.cat(chunks) for name, chunks in seen.items()}
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = dict.fromkeys(firsts, 0)
+    watched: dict[str, tuple[tuple, dict]] = {}
+    batch, seqlen = inputs[0].shape[:2]
+    keep = max(1, min(batch, max_tokens // seqlen))
+
+    def first_samples(t: Tensor) -> Tensor:
+        t = t[:keep] if t.dim() and t.shape[0] == batch else t
+        return t.float() if t.is_floating_point() else t
+
+    def on_linear_input(name: str, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        sums[name] = sums.get(name, 0) + x.float().abs().sum(0)
+        counts[name] += x.shape[0]
+
+    def on_watched_input(name: str, args: tuple, kw: dict) -> None:
+        if name not in watched:
+            watched[name] = map_tensors((args, kw), first_samples)
+
+    handles = [block.get_submodule(g.watch).register_forward_pre_hook(
+        lambda _m, args, kw, name=g.watch: on_watched_input(name, args, kw), with_kwargs=True) for g in groups]
+    try:
+        with capture_inputs(firsts, on_linear_input):
+            run_block(block, inputs, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: sums[name] / counts[name] for name in firsts}, watched
 
 
 @dataclass(frozen=True)
@@ -106,18 +158,26 @@ def _quantize(model: nn.Module, spec: QuantSpec, calib: Tensor | None, progress:
               device: torch.device | None, opts: AWQOptions, with_gptq: bool) -> nn.Module:
     for block, inputs, kwargs in calibrated_blocks(model, calib, device, spec.method, progress):
         groups = scale_groups(block)
-        xs = _group_inputs(block, groups, inputs, kwargs, opts.max_tokens)
+        x_means, watched = _capture(block, groups, inputs, kwargs, opts.max_tokens)
         # Folding one group's scale changes no other group's inputs (q/k/v outputs are unchanged;
         # v's outputs shrink by exactly what o's inputs are scaled up by), so every search uses the
-        # inputs captured once, before any folding.
+        # inputs captured once, before any folding. Each watched copy is made after the folds before it.
         for group in groups:
             weight = torch.cat([block.get_submodule(n).weight for n in group.linears])
-            fold_scale(block, group, search_scale(xs[group.linears[0]], weight, spec, opts.grid_points))
-        del xs
+            output = _Watched(block, group, *watched[group.watch])
+            fold_scale(block, group, search_scale(x_means[group.linears[0]], weight, spec, opts.grid_points, output))
+        del watched
         if with_gptq:
             gptq.quantize_block(block, inputs, kwargs, spec, opts)
         else:
-            for name, linear in target_linears(block).items():
-                set_module(block, name, round_linear(linear, spec, opts.clip_search))
+            _round_block(block, inputs, kwargs, spec, opts.clip_search)
     return model
 
+
+def _round_block(block: nn.Module, inputs: list[Tensor], kwargs: dict, spec: QuantSpec, clip_search: bool) -> None:
+    """Round every linear of the scaled block, each range clipped for its own output error."""
+    linears = target_linears(block)
+    hessians = gptq.block_hessians(block, linears, inputs, kwargs) if clip_search else {}
+    for name, linear in linears.items():
+        hessian = hessians[name].H if clip_search else None
+        set_module(block, name, round_linear(linear, spec, clip_search, hessian))

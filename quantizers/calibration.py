@@ -7,7 +7,7 @@ outputs become the next block's inputs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -100,12 +100,17 @@ def calibrated_blocks(model: nn.Module, calib: Tensor | None, device: torch.devi
 
 
 def _to(value: Any, device: torch.device) -> Any:
+    return map_tensors(value, lambda t: t.to(device))
+
+
+def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """fn applied to every tensor in nested lists, tuples and dicts; other values as they are."""
     if isinstance(value, Tensor):
-        return value.to(device)
+        return fn(value)
     if isinstance(value, (list, tuple)):
-        return type(value)(_to(v, device) for v in value)
+        return type(value)(map_tensors(v, fn) for v in value)
     if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
+        return {k: map_tensors(v, fn) for k, v in value.items()}
     return value
 
 

@@ -150,7 +150,7 @@ def quantize_block(block: nn.Module, inputs: list[Tensor], kwargs: dict, spec: Q
     """Replace every linear of one decoder block by its GPTQ-quantized QuantLinear."""
     linears = target_linears(block)
     stages = _sequential_stages(block, linears, inputs, kwargs) if opts.true_sequential else (
-        _sharing_one_input(_block_hessians(block, linears, inputs, kwargs)))
+        _sharing_one_input(block_hessians(block, linears, inputs, kwargs)))
     for names, hessian in stages:
         # GPTQ treats rows independently: linears that read one input are solved as one matrix.
         weight = torch.cat([linears[n].weight for n in names])
@@ -168,7 +168,7 @@ class _GroupComplete(Exception):
     pass
 
 
-def _block_hessians(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[Tensor], kwargs: dict,
+def block_hessians(block: nn.Module, linears: dict[str, nn.Linear], inputs: list[Tensor], kwargs: dict,
                     first_group_only: bool = False) -> dict[str, Hessian]:
     """Each linear's input Hessian over the calibration samples; linears that read the very same
     tensor (q, k, v; gate, up) share one Hessian, accumulated once. With `first_group_only`, each
@@ -210,6 +210,6 @@ def _sequential_stages(block: nn.Module, linears: dict[str, nn.Linear], inputs: 
     done: set[str] = set()
     while len(done) < len(linears):
         pending = {n: m for n, m in linears.items() if n not in done}
-        names, hessian = _sharing_one_input(_block_hessians(block, pending, inputs, kwargs, True))[0]
+        names, hessian = _sharing_one_input(block_hessians(block, pending, inputs, kwargs, True))[0]
         yield names, hessian
         done.update(names)

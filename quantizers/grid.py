@@ -61,20 +61,36 @@ def compute_params(w: Tensor, bits: int, group_size: int, sym: bool, clip: Tenso
 
 
 def search_params(w: Tensor, bits: int, group_size: int, sym: bool, steps: int = 20, max_shrink: float = 0.2,
-                  norm: float = 2.4) -> GridParams:
+                  norm: float = 2.4, hessian: Tensor | None = None) -> GridParams:
     """Grid parameters whose range is shrunk per group by the factor (1 down to 1 - max_shrink) that
-    minimises the group's rounding error sum |w - ŵ|^norm: clipping a few outliers buys finer steps."""
+    minimises the group's rounding error: clipping a few outliers buys finer steps. The error is
+    sum |w - ŵ|^norm, or with the inputs' `hessian` (in, in) the group's output error eᵀ H_g e."""
+    blocks = None if hessian is None else diagonal_blocks(hessian, group_size)
     best_err = best_clip = None
     for clip in torch.linspace(1.0, 1.0 - max_shrink, steps).tolist():
         params = compute_params(w, bits, group_size, sym, clip)
-        err = (to_groups(dequantize(quantize(w, params, bits, group_size), params, group_size) - w.float(),
-                         group_size).abs() ** norm).sum(dim=-1)
+        e = to_groups(dequantize(quantize(w, params, bits, group_size), params, group_size) - w.float(), group_size)
+        if blocks is None:
+            err = (e.abs() ** norm).sum(dim=-1)
+        else:  # per group g: e_g H_gg e_gᵀ, batched over groups
+            e = e.transpose(0, 1)
+            err = ((e @ blocks) * e).sum(dim=-1).T
         if best_err is None:
             best_err, best_clip = err, torch.full_like(err, clip)
         else:
             better = err < best_err
             best_err, best_clip = torch.where(better, err, best_err), torch.where(better, clip, best_clip)
     return compute_params(w, bits, group_size, sym, best_clip)
+
+
+def diagonal_blocks(hessian: Tensor, group_size: int) -> Tensor:
+    """(in, in) -> (n_groups, size, size): the blocks of one group's columns with themselves,
+    zero-padded for a ragged last group as to_groups pads the weights."""
+    in_features = hessian.shape[0]
+    size, count = effective_group_size(in_features, group_size), n_groups(in_features, group_size)
+    pad = count * size - in_features
+    padded = torch.nn.functional.pad(hessian.float(), (0, pad, 0, pad))
+    return padded.reshape(count, size, count, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
 
 
 def _to_float16_rounding_up(scale: Tensor) -> Tensor:

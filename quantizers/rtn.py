@@ -25,9 +25,17 @@ def quantize_rtn(model: nn.Module, spec: QuantSpec, calib: Tensor | None = None,
     return model
 
 
-def round_linear(linear: nn.Linear, spec: QuantSpec, clip_search: bool = False) -> QuantLinear:
-    """The linear's weights rounded to nearest on its groups' grid (the range shrunk first with clip_search)."""
-    find_params = grid.search_params if clip_search else grid.compute_params
-    params = find_params(linear.weight, spec.bits, spec.group_size, spec.sym)
+def round_linear(linear: nn.Linear, spec: QuantSpec, clip_search: bool = False,
+                 hessian: Tensor | None = None) -> QuantLinear:
+    """The linear's weights rounded to nearest on its groups' grid. With clip_search the range is shrunk
+    first, by the factor that minimises the weights' rounding error or, given the inputs' `hessian`,
+    the layer's output error (which tolerates more clipping: up to half the range)."""
+    if not clip_search:
+        params = grid.compute_params(linear.weight, spec.bits, spec.group_size, spec.sym)
+    elif hessian is None:
+        params = grid.search_params(linear.weight, spec.bits, spec.group_size, spec.sym)
+    else:
+        params = grid.search_params(linear.weight, spec.bits, spec.group_size, spec.sym, max_shrink=0.5,
+                                    hessian=hessian)
     codes = grid.quantize(linear.weight, params, spec.bits, spec.group_size)
     return QuantLinear.from_codes(linear, codes, params, spec.group_size, spec.sym, spec.bits)

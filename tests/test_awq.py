@@ -42,19 +42,68 @@ def test_scale_search_lowers_output_error_against_rtn(bits):
     x = inputs_with_large_channels()
     w = torch.randn(96, 160, generator=torch.Generator().manual_seed(2))
     spec = QuantSpec("awq", bits, 32)
-    s = search_scale(x, w, spec, grid_points=20)
+    s = search_scale(x.abs().mean(0), w, spec, 20, lambda w_hat: x @ w_hat.T)
     awq = grid.fake_quantize(w * s, bits, 32, False) / s
     rtn = grid.fake_quantize(w, bits, 32, False)
     err = {name: (x @ (w - w_hat).T).norm() for name, w_hat in {"awq": awq, "rtn": rtn}.items()}
     assert err["awq"] < 0.9 * err["rtn"]
 
 
+def _awq_with_large_channels(model, dtype):
+    """AWQ 4-bit of the model in dtype, a few channels 1000x the rest: outputs near 1e3, whose squares
+    and token sums overflow float16. Returns the model and its norm weights before quantization."""
+    model = copy.deepcopy(model).to(dtype)
+    norms = []
+    for layer in decoder_layers(model):
+        layer.post_attention_layernorm.weight.data[:3] *= 1000
+        layer.input_layernorm.weight.data[:3] *= 1000
+        norms.append(layer.post_attention_layernorm.weight.clone())
+    calib = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(model(calib).logits.float()).all()  # the unquantized model itself is finite
+    return quantizers.quantize(model, QuantSpec("awq", 4, 32), calib), norms, calib
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_search_stays_finite_with_very_large_activations_in_half_precision(dtype):
-    x = inputs_with_large_channels(dtype=dtype, size=3000.0)  # x @ w overflows float16 unless upcast
-    w = torch.randn(96, 160, generator=torch.Generator().manual_seed(3)).to(dtype)
-    s = search_scale(x, w, QuantSpec("awq", 4, 32), grid_points=20)
-    assert torch.isfinite(s).all() and not torch.equal(s, torch.ones_like(s))
+def test_awq_stays_finite_with_very_large_activations_in_half_precision(tiny, dtype):
+    model, norms, calib = _awq_with_large_channels(tiny[0], dtype)
+    for layer, before in zip(decoder_layers(model), norms, strict=True):
+        assert torch.isfinite(layer.post_attention_layernorm.weight).all()
+        assert not torch.equal(layer.post_attention_layernorm.weight, before)  # a scale was found and folded
+        assert all(torch.isfinite(m.scales.float()).all() for m in layer.modules()
+                   if isinstance(m, quantizers.QuantLinear))
+    with torch.no_grad():
+        assert torch.isfinite(model(calib).logits.float()).all()
+
+
+def test_awq_in_float16_finds_the_scales_float32_finds(tiny):
+    # The first block sees the same inputs in both (later ones see differently rounded outputs).
+    half, _, _ = _awq_with_large_channels(tiny[0], torch.float16)
+    full, _, _ = _awq_with_large_channels(tiny[0], torch.float32)
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        a, b = (decoder_layers(m)[0].get_submodule(name).weight.float() for m in (half, full))
+        torch.testing.assert_close(a, b, rtol=0.01, atol=1e-3)
+
+
+def test_output_aware_clip_lowers_output_error_against_weight_error_clip():
+    x = inputs_with_large_channels(columns=96)
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(5))
+    hessian = x.T @ x / len(x)
+    errors = {}
+    for name, params in {"weights": grid.search_params(w, 3, 32, False),
+                         "outputs": grid.search_params(w, 3, 32, False, max_shrink=0.5, hessian=hessian)}.items():
+        w_hat = grid.dequantize(grid.quantize(w, params, 3, 32), params, 32)
+        errors[name] = (x @ (w - w_hat).T).pow(2).mean()
+    assert errors["outputs"] < errors["weights"]
+
+
+def test_diagonal_blocks_of_a_ragged_hessian():
+    h = torch.randn(70, 70)
+    blocks = grid.diagonal_blocks(h, 32)
+    assert blocks.shape == (3, 32, 32)
+    torch.testing.assert_close(blocks[1], h[32:64, 32:64])
+    torch.testing.assert_close(blocks[2, :6, :6], h[64:, 64:])
+    assert blocks[2, 6:].abs().sum() == 0 and blocks[2, :, 6:].abs().sum() == 0
 
 
 def test_whole_model_awq_is_deterministic_and_beats_rtn(tiny):
@@ -96,5 +145,5 @@ def test_search_with_a_dead_input_channel_stays_finite():
     x = inputs_with_large_channels()
     w = torch.randn(96, 160, generator=torch.Generator().manual_seed(4))
     w[:, 7] = 0
-    s = search_scale(x, w, QuantSpec("awq", 4, 32), grid_points=20)
+    s = search_scale(x.abs().mean(0), w, QuantSpec("awq", 4, 32), 20, lambda w_hat: x @ w_hat.T)
     assert torch.isfinite(s).all() and not torch.equal(s, torch.ones_like(s))  # the search did not give up

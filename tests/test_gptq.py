@@ -95,14 +95,14 @@ def test_rows_are_solved_independently(weight, act_order):
 def test_linears_reading_one_input_share_one_hessian(tiny):
     from quantizers.arch import decoder_layers, target_linears
     from quantizers.calibration import capture_inputs, first_block_inputs, run_block
-    from quantizers.gptq import _block_hessians
+    from quantizers.gptq import block_hessians
 
     model, _ = tiny
     calib = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(0))
     inputs, kwargs = first_block_inputs(model, calib)
     block = decoder_layers(model)[0]
     linears = target_linears(block)
-    shared = _block_hessians(block, linears, inputs, kwargs)
+    shared = block_hessians(block, linears, inputs, kwargs)
     assert shared["self_attn.q_proj"] is shared["self_attn.v_proj"] is shared["self_attn.k_proj"]
     assert shared["mlp.gate_proj"] is shared["mlp.up_proj"] and shared["mlp.up_proj"] is not shared["mlp.down_proj"]
     separate = {n: Hessian(m.in_features, m.weight.device) for n, m in linears.items()}
@@ -115,7 +115,7 @@ def test_linears_reading_one_input_share_one_hessian(tiny):
 def test_true_sequential_stages_follow_the_block_and_see_quantized_inputs(tiny):
     from quantizers.arch import decoder_layers, set_module, target_linears
     from quantizers.calibration import first_block_inputs
-    from quantizers.gptq import _block_hessians, _sequential_stages
+    from quantizers.gptq import _sequential_stages, block_hessians
 
     model, _ = tiny
     model = copy.deepcopy(model)
@@ -123,7 +123,7 @@ def test_true_sequential_stages_follow_the_block_and_see_quantized_inputs(tiny):
     inputs, kwargs = first_block_inputs(model, calib)
     block = decoder_layers(model)[0]
     linears = target_linears(block)
-    unquantized = _block_hessians(block, linears, inputs, kwargs)
+    unquantized = block_hessians(block, linears, inputs, kwargs)
     order = []
     for names, hessian in _sequential_stages(block, linears, inputs, kwargs):
         order.append(names)
