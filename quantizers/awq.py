@@ -23,7 +23,8 @@ from .spec import QuantSpec, QuantSpecError
 class AWQOptions:
     grid_points: int = 20  # values of α in [0, 1] tried for s = mean|x|^α / mean|w|^(1-α)
     clip_search: bool = True  # then shrink each group's range where that lowers the layer's output error
-    max_tokens: int = 8192  # calibration tokens the scale search runs the watched modules on
+    max_tokens: int = 16384  # calibration tokens the scale search runs the watched modules on
+    # (at most one calibration batch: calibration.TOKENS_PER_BATCH)
 
     def __post_init__(self) -> None:
         if self.grid_points < 1:
@@ -38,7 +39,7 @@ def search_scale(x_mean: Tensor, weight: Tensor, spec: QuantSpec, grid_points: i
     `output(W)` is the watched module's output with the group's weights W (rows of its linears
     stacked). s = 1 (plain rounding) is a candidate too: the search never does worse than RTN here."""
     w = weight.float()
-    x_mean, w_mean = x_mean.float(), _weight_magnitude(w, spec.group_size)
+    x_mean, w_mean = x_mean.float(), w.abs().mean(0).clamp(min=1e-8)  # a dead channel stays finite
     reference = output(w).float()
     best_loss, best = None, torch.ones_like(x_mean)
     candidates = [None, *torch.linspace(0, 1, grid_points).tolist()] if grid_points > 1 else [None, 0.5]
@@ -53,14 +54,6 @@ def search_scale(x_mean: Tensor, weight: Tensor, spec: QuantSpec, grid_points: i
         if torch.isfinite(loss) and (best_loss is None or loss < best_loss):
             best_loss, best = loss, s
     return best
-
-
-def _weight_magnitude(w: Tensor, group_size: int) -> Tensor:
-    """Mean over output rows of |w| relative to its group's largest: a channel's weight salience,
-    comparable across groups of different range. A dead channel stays above zero."""
-    wg = grid.to_groups(w.abs(), group_size)
-    wg = wg / wg.amax(dim=-1, keepdim=True).clamp(min=1e-12)
-    return grid.from_groups(wg, w.shape[1]).mean(0).clamp(min=1e-8)
 
 
 @torch.no_grad()
