@@ -19,30 +19,8 @@ import time
 import torch
 
 import quantizers
+from harness.shapes import SHAPES, build
 from quantizers import QuantSpec
-
-SHAPES = {
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-                      rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
-    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
-}
-
-
-def build(shape: str, device: torch.device, seed: int) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # initialise in bf16: an 8B model in fp32 would not fit
-    try:
-        with device:
-            model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape]))
-    finally:
-        torch.set_default_dtype(default)
-    return model.eval()
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -36,13 +37,14 @@ class Point:
     device: str
     dtype: torch.dtype
     needs_calibration: bool
+    backend: str  # QuantLinear's kernels: auto, or a name from quantizers.BACKENDS
 
     @property
     def identity(self) -> dict[str, Any]:
         return {
             "model": self.cfg["model"], "quant": self.spec.to_dict(), "eval": self.cfg["eval"],
             "calib": self.cfg["calib"] if self.needs_calibration else None,
-            "seed": self.cfg["seed"], "dtype": str(self.dtype), "device": self.device,
+            "seed": self.cfg["seed"], "dtype": str(self.dtype), "device": self.device, "backend": self.backend,
         }
 
     @property
@@ -61,7 +63,11 @@ class Point:
 def make_point(cfg: dict[str, Any]) -> Point:
     """Validate a resolved config; every problem the user can fix raises UserError."""
     q = cfg["quant"]
-    knobs = {k: v for k, v in q.items() if k not in ("method", "bits", "group_size", "sym", "quantize_lm_head")}
+    knobs = {k: v for k, v in q.items()
+             if k not in ("method", "bits", "group_size", "sym", "quantize_lm_head", "backend")}
+    backend = str(q.get("backend", "auto"))
+    if backend != "auto" and backend not in quantizers.BACKENDS:
+        raise UserError(f"quant.backend={backend!r} is not known: use auto or one of {', '.join(quantizers.BACKENDS)}")
     try:
         quantizer = quantizers.get_quantizer(q["method"])
         spec = QuantSpec(q["method"], q.get("bits"), q.get("group_size"), bool(q.get("sym", False)),
@@ -72,7 +78,8 @@ def make_point(cfg: dict[str, Any]) -> Point:
     _validate_eval(cfg["eval"])
     resolve_source(cfg["model"])  # a missing path fails here, before any work
     device = resolve_device(cfg["device"])
-    return Point(cfg, spec, device, resolve_dtype(cfg["dtype"], device), quantizer.needs_calibration)
+    return Point(cfg, spec, device, resolve_dtype(cfg["dtype"], device), quantizer.needs_calibration,
+                 "auto" if spec.is_baseline else backend)
 
 
 def _validate_eval(ev: dict[str, Any]) -> None:
@@ -141,11 +148,14 @@ def _evaluate(point: Point) -> dict[str, Any]:
         reference = {n: _quality_pass(model, w, None, ev["kl_topk"], f"baseline {n}") for n, w in windows.items()}
         _save_reference(reference_path, reference, texts)
         reference = {n: q.reference for n, q in reference.items()}
+    if not point.spec.is_baseline:
+        _check_backend(point, model)
     calib, calib_info = _calibration(point, tokenizer)
 
     start = time.perf_counter()
     quantizers.quantize(model, point.spec, calib, progress=True)
     quant_time_s = time.perf_counter() - start
+    kernels = quantizers.use_backend(model, point.backend)
 
     metrics: dict[str, float] = {"quant_time_s": quant_time_s}
     per_sample: dict[str, list[float]] = {}
@@ -166,7 +176,20 @@ def _evaluate(point: Point) -> dict[str, Any]:
                           for n, t in texts.items()}, "calib": calib_info},
         "metrics": metrics,
         "per_sample": per_sample,
+        "kernels": kernels,  # QuantLinear layers per backend
     }
+
+
+def _check_backend(point: Point, model: nn.Module) -> None:
+    """A named backend that cannot serve the format or a layer's shape fails before any quantization."""
+    spec, device = point.spec, torch.device(point.device)
+    layers = {name: (SimpleNamespace(bits=spec.bits, group_size=spec.group_size, in_features=m.in_features,
+                                     out_features=m.out_features), device)
+              for name, m in quantizers.arch.target_linears(model, spec.quantize_lm_head).items()}
+    try:
+        quantizers.check_backend(point.backend, layers)
+    except quantizers.BackendError as e:
+        raise UserError(str(e)) from None
 
 
 def _calibration(point: Point, tokenizer) -> tuple[Tensor | None, dict[str, Any] | None]:

@@ -6,11 +6,12 @@ import torch
 from torch import Tensor, nn
 
 from . import grid, packing
-from .kernels import KERNELS
+from .kernels import BACKENDS
 
 
 class QuantLinear(nn.Module):
-    """Packed `bits`-bit weights; forward through a kernel backend (default: dequantize + matmul)."""
+    """Packed `bits`-bit weights; forward through a kernel backend: the reference (dequantize + matmul)
+    until `quantizers.use_backend(model, name)` picks one for the device the model is on."""
 
     def __init__(
         self,
@@ -59,7 +60,7 @@ class QuantLinear(nn.Module):
         return grid.dequantize(self.codes(), self.grid_params(), self.group_size, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return KERNELS[self.backend](x, self)
+        return BACKENDS[self.backend].forward(x, self)
 
     @staticmethod
     def theoretical_bytes(in_features: int, out_features: int, bits: int, group_size: int, sym: bool) -> int:

@@ -8,6 +8,8 @@ import time
 import torch
 from torch import Tensor, nn
 
+from ..decoder import StaticDecoder
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -38,18 +40,16 @@ def prefill_tok_s(model: nn.Module, prompt: Tensor, repeats: int = 3, warmup: in
 
 @torch.no_grad()
 def decode_tok_s(model: nn.Module, prompt: Tensor, new_tokens: int, repeats: int = 3, warmup: int = 1) -> float:
-    """Greedy batch-1 decode with a KV cache; the prefill of `prompt` is not timed."""
+    """Greedy batch-1 decode after `prompt` with a static KV cache (and a CUDA graph per step on CUDA,
+    see harness.decoder); the prefill is not timed."""
     device = next(model.parameters()).device
-    ids = prompt[None].to(device)
+    decoder = StaticDecoder(model, max_len=prompt.numel() + new_tokens + 2)
 
     def decode() -> None:
-        out = model(ids, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        decoder.prefill(prompt)
         _sync(device)
         start = time.perf_counter()
-        for _ in range(new_tokens):
-            out = model(token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        decoder.decode(new_tokens)
         _sync(device)
         times.append(time.perf_counter() - start)
 

@@ -1,7 +1,114 @@
-"""Kernel backends for QuantLinear's forward: name -> fn(x, layer) -> y."""
+"""Kernel backends for QuantLinear's forward, chosen per device, shape and format.
+
+Each backend says why it cannot serve a layer (or None when it can) and computes y = x Wᵀ + b.
+`torch` (dequantize, then one matmul) is the reference every other backend is tested against.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import int4pack
 from .torch_ref import dequantize_matmul
 
-KERNELS = {"torch": dequantize_matmul}
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    why_not: Callable[[nn.Module, torch.device], str | None]  # None when it can serve the layer there
+    forward: Callable[[Tensor, nn.Module], Tensor]
+    prepare: Callable[[nn.Module], None] = lambda layer: None  # convert the storage once, at load time
+    summary: str = ""
+
+
+def _always(layer: nn.Module, device: torch.device) -> str | None:
+    return None
+
+
+def _triton_why_not(layer: nn.Module, device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "it runs on CUDA only"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    return None
+
+
+def _triton_forward(x: Tensor, layer: nn.Module) -> Tensor:
+    from . import triton_lowbit  # imported on first use: triton is optional
+
+    flat = x.reshape(-1, layer.in_features)
+    if flat.shape[0] == 1:  # batch-1 decode: read the packed weights once
+        y = triton_lowbit.gemv(flat[0], layer)[None]
+    else:  # prefill: compute-bound, so dequantize once and let cuBLAS do the GEMM
+        y = torch.nn.functional.linear(flat, triton_lowbit.dequantize(layer, x.dtype))
+    if layer.bias is not None:
+        y = y + layer.bias.to(y.dtype)
+    return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("torch", _always, dequantize_matmul, summary="dequantize + matmul (the reference), any device"),
+        Backend("triton", _triton_why_not, _triton_forward,
+                summary="CUDA: fused dequantize-GEMV at batch 1, dequantize + cuBLAS GEMM otherwise; any format"),
+        Backend("tinygemm", int4pack.tinygemm_why_not, int4pack.tinygemm_forward, int4pack.prepare_tinygemm,
+                summary="CUDA: aten._weight_int4pack_mm, 4-bit, groups 32-256, bf16"),
+        Backend("cpu_int4", int4pack.cpu_why_not, int4pack.cpu_forward, int4pack.prepare_cpu,
+                summary="CPU: aten._weight_int4pack_mm_for_cpu, 4-bit, groups 32-256"),
+    )
+}
+
+# What `auto` picks, best first, per device type (measured: see README, "Kernels").
+PREFERENCE = {"cuda": ("triton", "tinygemm", "torch"), "cpu": ("cpu_int4", "torch")}
+
+
+class BackendError(ValueError):
+    """A backend was named that cannot serve a layer; the message says which backends can."""
+
+
+def serving(layer: nn.Module, device: torch.device) -> list[str]:
+    return [name for name, b in BACKENDS.items() if b.why_not(layer, device) is None]
+
+
+def choose(layer: nn.Module, device: torch.device) -> str:
+    preference = PREFERENCE.get(device.type, ("torch",))
+    return next(name for name in preference if BACKENDS[name].why_not(layer, device) is None)
+
+
+def use_backend(model: nn.Module, name: str = "auto") -> dict[str, int]:
+    """Set (and prepare) the kernel backend of every QuantLinear of the model, on the device it is on.
+    `auto` picks per layer; a named backend that cannot serve a layer raises BackendError naming the
+    layer, why, and the backends that can. Returns how many layers each backend got."""
+    from ..linear import QuantLinear
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    chosen = check_backend(name, {n: (m, m.qweight.device) for n, m in layers.items()})
+    for layer_name, layer in layers.items():
+        BACKENDS[chosen[layer_name]].prepare(layer)
+        layer.backend = chosen[layer_name]
+    return dict(Counter(chosen.values()))
+
+
+def check_backend(name: str, layers: dict[str, tuple[object, torch.device]]) -> dict[str, str]:
+    """The backend each layer would get; `layers` maps a name to (anything with bits, group_size,
+    in_features, out_features, device). Raises BackendError for a named backend that cannot serve one."""
+    if name != "auto" and name not in BACKENDS:
+        raise BackendError(f"quant.backend={name!r} is not known: use auto or one of {', '.join(BACKENDS)}")
+    chosen = {}
+    for layer_name, (layer, device) in layers.items():
+        chosen[layer_name] = choose(layer, device) if name == "auto" else name
+        reason = BACKENDS[chosen[layer_name]].why_not(layer, device)
+        if reason is not None:
+            raise BackendError(
+                f"quant.backend={name} cannot serve {layer_name} ({layer.bits}-bit, group {layer.group_size}, "
+                f"{layer.in_features} wide, on {device.type}): {reason}; backends that can: "
+                f"{', '.join(serving(layer, device))} (or quant.backend=auto)"
+            )
+    return chosen

@@ -1,0 +1,79 @@
+"""Every backend against the reference (dequantize + matmul), and the choice between them."""
+
+import pytest
+import torch
+
+import quantizers
+from quantizers import QuantLinear, QuantSpec, grid
+from quantizers.kernels import BACKENDS, BackendError, choose, triton_lowbit, use_backend
+from quantizers.kernels.torch_ref import dequantize_matmul
+
+
+def quant_linear(out_features, in_features, bits, group_size, sym, seed=0, bias=False):
+    gen = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features, bias=bias)
+    linear.weight.data = torch.randn(out_features, in_features, generator=gen) * torch.linspace(0.2, 2, in_features)
+    params = grid.compute_params(linear.weight, bits, group_size, sym)
+    codes = grid.quantize(linear.weight, params, bits, group_size)
+    return QuantLinear.from_codes(linear, codes, params, group_size, sym, bits)
+
+
+FORMATS = [  # bits, group size, sym, width: ragged groups and widths that are no multiple of 8 included
+    (8, 128, False, 256), (8, -1, True, 200), (4, 64, False, 576), (4, 128, False, 576), (4, 32, True, 96),
+    (3, 64, False, 576), (3, 128, True, 300), (3, 32, False, 100), (2, 64, False, 130), (5, 16, False, 70),
+]
+
+
+@pytest.mark.parametrize("bits,group_size,sym,width", FORMATS)
+def test_triton_kernels_match_the_reference(bits, group_size, sym, width):
+    # Run on the CPU through Triton's interpreter (tests/conftest.py); the same code compiles on CUDA.
+    layer = quant_linear(48, width, bits, group_size, sym)
+    reference = layer.dequantize_weight(torch.float32)
+    torch.testing.assert_close(triton_lowbit.dequantize(layer, torch.float32), reference, rtol=0, atol=0)
+    x = torch.randn(width, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(triton_lowbit.gemv(x, layer), reference @ x, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("group_size,sym", [(32, False), (64, True), (128, False), (256, False)])
+def test_cpu_int4_matches_the_reference(group_size, sym):
+    layer = quant_linear(64, 512, 4, group_size, sym, bias=True)
+    x = torch.randn(3, 5, 512, generator=torch.Generator().manual_seed(2))
+    expected = dequantize_matmul(x, layer)
+    got = BACKENDS["cpu_int4"].forward(x, layer)
+    assert got.shape == expected.shape
+    # the CPU kernel rounds the dequantized weights to bf16 internally: a bf16-sized tolerance
+    assert (got - expected).norm() / expected.norm() < 5e-3
+
+
+def test_auto_picks_a_backend_per_format_and_falls_back():
+    cpu = torch.device("cpu")
+    assert choose(quant_linear(16, 256, 4, 64, False), cpu) == "cpu_int4"
+    assert choose(quant_linear(16, 576, 4, 128, False), cpu) == "torch"  # ragged group: int4 kernel cannot
+    assert choose(quant_linear(16, 256, 3, 64, False), cpu) == "torch"
+    model = torch.nn.Sequential(quant_linear(16, 256, 4, 64, False), quant_linear(16, 256, 3, 64, False))
+    assert use_backend(model, "auto") == {"cpu_int4": 1, "torch": 1}
+    assert [m.backend for m in model] == ["cpu_int4", "torch"]
+
+
+def test_a_named_backend_that_cannot_serve_says_which_can():
+    model = torch.nn.Sequential(quant_linear(16, 256, 3, 64, False))
+    with pytest.raises(BackendError, match=r"4-bit weights only.*backends that can: torch"):
+        use_backend(model, "cpu_int4")
+    with pytest.raises(BackendError, match="CUDA only.*backends that can: torch"):
+        use_backend(model, "tinygemm")
+    with pytest.raises(BackendError, match="not known"):
+        use_backend(model, "marlin")
+
+
+def test_quantized_model_logits_agree_across_cpu_backends(tiny):
+    import copy
+
+    model, _ = tiny
+    quantized = quantizers.quantize(copy.deepcopy(model), QuantSpec("rtn", 4, 32))
+    ids = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = quantized(ids).logits
+        assert use_backend(quantized, "auto") == {"cpu_int4": 14}
+        fast = quantized(ids).logits
+    assert (fast - reference).norm() / reference.norm() < 1e-2
+    assert (fast.argmax(-1) == reference.argmax(-1)).float().mean() > 0.95
