@@ -12,13 +12,14 @@ from omegaconf import DictConfig, OmegaConf
 from .errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-COMMANDS = ("sweep", "run", "report", "select")
+COMMANDS = ("sweep", "run", "report", "select", "bench")
 USAGE = """usage: python -m harness COMMAND [args]
 
   sweep [overrides]          Hydra multirun over the grid in configs/sweep.yaml
   run [overrides]            one grid point
   report DIR                 rebuild tables, plots and report.md from DIR/runs/
   select DIR [key=value ...] the verdict under a policy (configs/select/default.yaml), selection.json
+  bench [key=value ...]      kernel speed per backend and precision against bf16 (configs/bench.yaml)
 
 overrides are Hydra's: quant=rtn quant.bits=4,3 quant.group_size=64 model=tiny-llama eval=quick out_dir=DIR"""
 
@@ -127,6 +128,10 @@ def main(argv: list[str] | None = None) -> None:
             _report(rest)
         elif command == "select":
             _select(rest)
+        elif command == "bench":
+            from .bench import main as bench
+
+            bench(rest)
         else:
             _die(f"unknown command {command!r}: use one of {', '.join(COMMANDS)}")
     except UserError as e:

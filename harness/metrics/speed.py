@@ -30,6 +30,31 @@ def _median_time_s(fn, device: torch.device, repeats: int, warmup: int) -> float
 
 
 @torch.no_grad()
+def timed_us(fn, device: torch.device, repeats: int) -> float:
+    """Microseconds per call of fn. On CUDA, fn is captured once in a CUDA graph and replayed, so the
+    time is the kernels' and not Python's launch overhead; on the CPU, the median of `repeats` calls."""
+    if device.type != "cuda":
+        return _median_time_s(fn, device, repeats, warmup=2) * 1e6
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # compile kernels, allocate workspaces
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / repeats
+
+
+@torch.no_grad()
 def prefill_tok_s(model: nn.Module, prompt: Tensor, repeats: int = 3, warmup: int = 1) -> float:
     """Tokens per second of one forward over `prompt` (1-D ids)."""
     device = next(model.parameters()).device
