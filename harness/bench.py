@@ -152,11 +152,11 @@ def bench_decode(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) 
     rows = [{"model": cfg["decode_model"], "format": "bf16", "backends": "F.linear", "decode_tok_s": bf16_tok_s,
              "speedup_vs_bf16": 1.0, "weight_bytes": _stored_bytes(model)}]
     gen = torch.Generator().manual_seed(cfg["seed"])
+    linear_shapes = {name: (m.out_features, m.in_features) for name, m in target_linears(model).items()}
     for fmt in cfg["decode_formats"]:
         bits, group_size = parse_format(fmt)
-        for name, linear in target_linears(model).items():
-            set_module(model, name, random_quant_linear(linear.out_features, linear.in_features, bits, group_size,
-                                                        device, gen))
+        for name, (n, k) in linear_shapes.items():  # the previous format's layers are freed as they are replaced
+            set_module(model, name, random_quant_linear(n, k, bits, group_size, device, gen))
         torch.cuda.empty_cache() if device.type == "cuda" else None
         chosen = use_backend(model, "auto")
         tok_s = speed.decode_tok_s(model, prompt, new, repeats=3, warmup=1)

@@ -12,6 +12,8 @@ GPTQ's act-order is stored un-permuted (static groups), so there is no permutati
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -73,6 +75,128 @@ def _dequantize_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_q, packed_cols
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# The fast path reads whole 8-code words (`bits` bytes each: one int32 at 4 bits, two at 8, two or
+# three bytes at 2 and 3 bits) and applies scales per group, not per weight: y = Σ_g s_g (q_g·x_g − z_g Σx_g).
+WORD_BITS = (2, 3, 4, 8)
+
+
+@triton.jit
+def _words(q_ptr, rows, words, mask, stride_q, BITS: tl.constexpr):
+    """(lo, hi) int32 halves of each 8-code word; hi is used at 8 bits only."""
+    if BITS == 4:  # q_ptr is an int32 view of the storage
+        lo = tl.load(q_ptr + rows * stride_q + words, mask=mask, other=0)
+        hi = lo
+    elif BITS == 8:  # int32 view: two per word
+        lo = tl.load(q_ptr + rows * stride_q + 2 * words, mask=mask, other=0)
+        hi = tl.load(q_ptr + rows * stride_q + 2 * words + 1, mask=mask, other=0)
+    else:  # bytes
+        base = q_ptr + rows * stride_q + words * BITS
+        lo = tl.load(base, mask=mask, other=0).to(tl.int32)
+        for b in tl.static_range(1, BITS):
+            lo = lo | (tl.load(base + b, mask=mask, other=0).to(tl.int32) << (8 * b))
+        hi = lo
+    return lo, hi
+
+
+@triton.jit
+def _code(lo, hi, INDEX: tl.constexpr, BITS: tl.constexpr):
+    if BITS == 8:
+        if INDEX < 4:
+            code = (lo >> (8 * INDEX)) & 255
+        else:
+            code = (hi >> (8 * (INDEX - 4))) & 255
+    else:
+        code = (lo >> (BITS * INDEX)) & ((1 << BITS) - 1)
+    return code
+
+
+@triton.jit
+def _group_params(s_ptr, z_ptr, index, mask, BITS: tl.constexpr, SYM: tl.constexpr):
+    scale = tl.load(s_ptr + index, mask=mask, other=0.0).to(tl.float32)
+    if SYM:
+        zero = tl.full(scale.shape, float(1 << (BITS - 1)), tl.float32)
+    else:
+        zero = tl.load(z_ptr + index, mask=mask, other=0).to(tl.float32)
+    return scale, zero
+
+
+def _gemv_configs() -> list[triton.Config]:
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one config, no tuning runs
+        return [triton.Config({"BLOCK_N": 4, "BLOCK_K": 256})]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+            for n in (2, 4, 8, 16) for k in (256, 512) for w in (2, 4)]
+
+
+@triton.autotune(configs=_gemv_configs(), key=["N", "K", "BITS", "GROUP", "SYM"])
+@triton.jit
+def _gemv_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, N, stride_q, n_groups, K: tl.constexpr,
+                       BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    W: tl.constexpr = BLOCK_K // 8
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_rows = rows < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        words = k0 // 8 + tl.arange(0, W)
+        mask = in_rows[:, None] & (words[None, :] < (K + 7) // 8)
+        lo, hi = _words(q_ptr, rows[:, None], words[None, :], mask, stride_q, BITS)
+        dot = tl.zeros((BLOCK_N, W), dtype=tl.float32)
+        x_sum = tl.zeros((W,), dtype=tl.float32)
+        for i in tl.static_range(8):
+            cols = words * 8 + i
+            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            dot += _code(lo, hi, i, BITS).to(tl.float32) * x[None, :]
+            x_sum += x
+        if GROUP >= BLOCK_K:  # the tile lies in one group
+            scale, zero = _group_params(s_ptr, z_ptr, rows * n_groups + k0 // GROUP, in_rows, BITS, SYM)
+            acc += scale * (tl.sum(dot, axis=1) - zero * tl.sum(x_sum, axis=0))
+        else:
+            PER_TILE: tl.constexpr = BLOCK_K // GROUP
+            dot_g = tl.sum(tl.reshape(dot, (BLOCK_N, PER_TILE, GROUP // 8)), axis=2)
+            x_g = tl.sum(tl.reshape(x_sum, (PER_TILE, GROUP // 8)), axis=1)
+            groups = k0 // GROUP + tl.arange(0, PER_TILE)
+            index = rows[:, None] * n_groups + groups[None, :]
+            scale, zero = _group_params(s_ptr, z_ptr, index, in_rows[:, None] & (groups[None, :] < n_groups),
+                                        BITS, SYM)
+            acc += tl.sum(scale * (dot_g - zero * x_g[None, :]), axis=1)
+    tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=in_rows)
+
+
+@triton.jit
+def _dequantize_words_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_q, n_groups, BITS: tl.constexpr,
+                             GROUP: tl.constexpr, SYM: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    words = tl.program_id(1) * W + tl.arange(0, W)
+    mask = (rows[:, None] < N) & (words[None, :] < (K + 7) // 8)
+    lo, hi = _words(q_ptr, rows[:, None], words[None, :], mask, stride_q, BITS)
+    scale, zero = _group_params(s_ptr, z_ptr, rows[:, None] * n_groups + (words[None, :] * 8) // GROUP, mask,
+                                BITS, SYM)
+    for i in tl.static_range(8):
+        cols = words[None, :] * 8 + i
+        w = (_code(lo, hi, i, BITS).to(tl.float32) - zero) * scale
+        tl.store(out_ptr + rows[:, None] * K + cols, w.to(out_ptr.dtype.element_ty), mask=mask & (cols < K))
+
+
+def _word_path(layer) -> bool:
+    """Whether the word kernels serve this format: whole words in storage, groups of whole words that
+    tile evenly with the kernels' power-of-two blocks (or one group per row)."""
+    group = layer.in_features if layer.group_size == -1 else layer.group_size
+    one_group = layer.scales.shape[1] == 1
+    if layer.bits not in WORD_BITS or (layer.bits == 8 and layer.in_features % 8):
+        return False
+    return one_group or (group >= 8 and group & (group - 1) == 0)
+
+
+def _word_storage(layer) -> tuple[Tensor, int, int]:
+    """The storage as the word kernels read it, its row stride, and the group size they are given
+    (one group per row becomes a power of two past the width: every tile then lies in group 0)."""
+    q = layer.qweight.view(torch.int32) if layer.bits in (4, 8) else layer.qweight
+    group = layer.group_size
+    if layer.scales.shape[1] == 1:
+        group = triton.next_power_of_2(max(layer.in_features, 512))
+    return q, q.stride(0), group
+
+
 def _rows_per_program(n_rows: int) -> int:
     # Enough programs to fill the GPU (a few per SM) even for the narrow k/v projections.
     return 4 if n_rows <= 2048 else 8
@@ -89,6 +213,12 @@ def gemv(x: Tensor, layer) -> Tensor:
     zeros, scales, group, n_groups = _format(layer)
     n, k = layer.out_features, layer.in_features
     out = torch.empty(n, device=x.device, dtype=x.dtype)
+    if _word_path(layer):
+        q, stride, group = _word_storage(layer)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _gemv_words_kernel[grid](x.contiguous(), q, scales, zeros, out, n, stride, n_groups, K=k, BITS=layer.bits,
+                                 GROUP=group, SYM=layer.sym)
+        return out
     block_n = _rows_per_program(n)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x.contiguous(), layer.qweight, scales, zeros, out, n, layer.qweight.stride(0), layer.qweight.shape[1],
@@ -101,6 +231,12 @@ def dequantize(layer, dtype: torch.dtype) -> Tensor:
     zeros, scales, group, n_groups = _format(layer)
     n, k = layer.out_features, layer.in_features
     out = torch.empty(n, k, device=layer.qweight.device, dtype=dtype)
+    if _word_path(layer):
+        q, stride, group = _word_storage(layer)
+        grid = (triton.cdiv(n, 16), triton.cdiv(-(-k // 8), 64))
+        _dequantize_words_kernel[grid](q, scales, zeros, out, n, k, stride, n_groups, BITS=layer.bits, GROUP=group,
+                                       SYM=layer.sym, BLOCK_N=16, W=64)
+        return out
     grid = (triton.cdiv(n, 32), triton.cdiv(k, 128))
     _dequantize_kernel[grid](layer.qweight, scales, zeros, out, n, k, layer.qweight.stride(0), layer.qweight.shape[1],
                              n_groups, BITS=layer.bits, GROUP=group, SYM=layer.sym, BLOCK_N=32, BLOCK_K=128)
