@@ -65,14 +65,20 @@ def tinygemm_forward(x: Tensor, layer: nn.Module) -> Tensor:
     packed, scales_and_zeros = layer._tinygemm
     flat = x.reshape(-1, layer.in_features)
     if flat.shape[0] > MAX_TINYGEMM_ROWS:
-        from .triton_lowbit import dequantize
-
-        return torch.nn.functional.linear(x, dequantize(layer, x.dtype), layer.bias)
+        return torch.nn.functional.linear(x, _dense_weight(layer, x.dtype), layer.bias)
     flat = flat.to(torch.bfloat16)  # tinygemm computes in bf16 only
     y = torch.ops.aten._weight_int4pack_mm(flat, packed, layer.group_size, scales_and_zeros).to(x.dtype)
     if layer.bias is not None:
         y = y + layer.bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+def _dense_weight(layer: nn.Module, dtype: torch.dtype) -> Tensor:
+    try:
+        from .triton_lowbit import dequantize
+    except ImportError:  # no triton: the reference's dequantization
+        return layer.dequantize_weight(dtype)
+    return dequantize(layer, dtype)
 
 
 def prepare_cpu(layer: nn.Module) -> None:
