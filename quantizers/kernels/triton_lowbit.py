@@ -136,8 +136,9 @@ def _group_params(s_ptr, z_ptr, index, mask, BITS: tl.constexpr, SYM: tl.constex
 def _gemv_configs() -> list[triton.Config]:
     if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one config, no tuning runs
         return [triton.Config({"BLOCK_N": 4, "BLOCK_K": 256})]
+    # Wide K tiles put many loads in flight per program: decode is bound by memory latency and bandwidth.
     return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
-            for n in (2, 4, 8, 16) for k in (256, 512) for w in (2, 4)]
+            for n in (2, 4, 8) for k in (512, 1024, 2048) for w in (4, 8)]
 
 
 @triton.autotune(configs=_gemv_configs(), key=["N", "K", "BITS", "GROUP", "SYM"])
