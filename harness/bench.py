@@ -176,7 +176,8 @@ def run(cfg: dict[str, Any]) -> dict[str, pd.DataFrame]:
             raise UserError(f"backend {backend!r} is not known: use some of {', '.join(BACKENDS)}")
     dtype = getattr(torch, cfg["dtype"])
     cfg = {**cfg, "_peak": _peak_gb_s(device, cfg["peak_gb_s"])}
-    out = {"layers": pd.DataFrame(bench_layers(cfg, device, dtype))}
+    out = {"layers": pd.DataFrame(bench_layers(cfg, device, dtype), columns=["shape", "format", "backend", "status"]
+                                  if not cfg["shapes"] else None)}
     if cfg["decode_model"]:
         out["decode"] = pd.DataFrame(bench_decode(cfg, device, dtype))
     _write(out, Path(cfg["out_dir"]), cfg, device)
@@ -196,7 +197,8 @@ def _write(out: dict[str, pd.DataFrame], out_dir: Path, cfg: dict[str, Any], dev
         lines += ["", f"## End-to-end greedy decode, {cfg['decode_model']}-shaped model (random weights)", "",
                   out["decode"].to_markdown(index=False, floatfmt=".4g")]
     (out_dir / "bench.md").write_text("\n".join(lines) + "\n")
-    _plot(out["layers"], out_dir / "bench.png")
+    if (out["layers"]["status"] == "ok").any():
+        _plot(out["layers"], out_dir / "bench.png")
 
 
 def _plot(frame: pd.DataFrame, path: Path) -> None:
