@@ -82,8 +82,6 @@ def bench_layers(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) 
     gen = torch.Generator().manual_seed(cfg["seed"])
     rows = []
     for shape in cfg["shapes"]:
-        if shape not in shapes.SHAPES:
-            raise UserError(f"shape {shape!r} is not known: use one of {', '.join(shapes.SHAPES)}")
         linear_shapes = shapes.linear_shapes(_config(shape))
         tokens = {"decode": 1, "prefill": cfg["prefill_tokens"]}
         inputs = {phase: {name: torch.randn(m, k, generator=gen).to(device, dtype) for name, (_, k) in
@@ -171,6 +169,11 @@ def run(cfg: dict[str, Any]) -> dict[str, pd.DataFrame]:
                           ("cpu" if cfg["device"] == "auto" else cfg["device"]))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda but no CUDA device is visible: use device=cpu")
+    for fmt in [*cfg["formats"], *(cfg["decode_formats"] if cfg["decode_model"] else [])]:
+        parse_format(fmt)  # a bad one fails before any work
+    for shape in [*cfg["shapes"], *([cfg["decode_model"]] if cfg["decode_model"] else [])]:
+        if shape not in shapes.SHAPES:
+            raise UserError(f"shape {shape!r} is not known: use one of {', '.join(shapes.SHAPES)}")
     for backend in cfg["backends"]:
         if backend not in BACKENDS:
             raise UserError(f"backend {backend!r} is not known: use some of {', '.join(BACKENDS)}")
