@@ -99,15 +99,45 @@ def _words(q_ptr, rows, words, mask, stride_q, BITS: tl.constexpr):
 
 
 @triton.jit
-def _code(lo, hi, INDEX: tl.constexpr, BITS: tl.constexpr):
-    """Code INDEX (0-7) of each word."""
-    if BITS == 8:
-        if INDEX < 4:
-            code = (lo >> (8 * INDEX)) & 255
-        else:
-            code = (hi >> (8 * (INDEX - 4))) & 255
+def _gemv_load(q_ptr, rows, words, mask, stride_q, BITS: tl.constexpr, INTS: tl.constexpr):
+    """One word per (row, word): INTS int32 of it (1, or 3 for 32 codes of 3 bits), or with INTS = 0 the
+    BITS bytes of an 8-code word joined into one int32."""
+    if INTS == 0:
+        base = q_ptr + rows * stride_q + words * BITS
+        t0 = tl.load(base, mask=mask, other=0).to(tl.int32)
+        for b in tl.static_range(1, BITS):
+            t0 = t0 | (tl.load(base + b, mask=mask, other=0).to(tl.int32) << (8 * b))
+        t1, t2 = t0, t0
+    elif INTS == 1:
+        t0 = tl.load(q_ptr + rows * stride_q + words, mask=mask, other=0)
+        t1, t2 = t0, t0
     else:
-        code = (lo >> (BITS * INDEX)) & ((1 << BITS) - 1)
+        base = q_ptr + rows * stride_q + words * 3
+        t0 = tl.load(base, mask=mask, other=0)
+        t1 = tl.load(base + 1, mask=mask, other=0)
+        t2 = tl.load(base + 2, mask=mask, other=0)
+    return t0, t1, t2
+
+
+@triton.jit
+def _gemv_code(t0, t1, t2, INDEX: tl.constexpr, BITS: tl.constexpr, INTS: tl.constexpr):
+    """Code INDEX of each word (codes are little-endian bit fields; at 3 bits two of 32 span two ints)."""
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if INTS == 3:
+        BIT: tl.constexpr = BITS * INDEX
+        OFF: tl.constexpr = BIT % 32
+        if BIT // 32 == 0:
+            lo, hi = t0, t1
+        elif BIT // 32 == 1:
+            lo, hi = t1, t2
+        else:
+            lo, hi = t2, t2
+        if OFF + BITS > 32:  # mask the low part first: >> on int32 copies the sign bit
+            code = ((lo >> OFF) & ((1 << (32 - OFF)) - 1) | (hi << (32 - OFF))) & MASK
+        else:
+            code = (lo >> OFF) & MASK
+    else:
+        code = (t0 >> (BITS * INDEX)) & MASK
     return code
 
 
@@ -141,34 +171,34 @@ def _gemv_configs() -> list[triton.Config]:
             for n in (2, 4, 8) for k in (512, 1024, 2048) for w in (4, 8)]
 
 
-@triton.autotune(configs=_gemv_configs(), key=["N", "K", "BITS", "GROUP", "SYM"])
+@triton.autotune(configs=_gemv_configs(), key=["N", "K", "BITS", "GROUP", "SYM", "CODES"])
 @triton.jit
 def _gemv_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, N, stride_q, n_groups, K: tl.constexpr,
-                       BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    W: tl.constexpr = BLOCK_K // 8
+                       BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, CODES: tl.constexpr,
+                       INTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    W: tl.constexpr = BLOCK_K // CODES  # words per tile
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_rows = rows < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        words = k0 // 8 + tl.arange(0, W)
-        mask = in_rows[:, None] & (words[None, :] < (K + 7) // 8)
-        lo, hi = _words(q_ptr, rows[:, None], words[None, :], mask, stride_q, BITS)
-        # One code of every word at a time (measured 2x faster here than a (rows, words, 8) tile).
+        words = k0 // CODES + tl.arange(0, W)
+        mask = in_rows[:, None] & (words[None, :] < (K + CODES - 1) // CODES)
+        t0, t1, t2 = _gemv_load(q_ptr, rows[:, None], words[None, :], mask, stride_q, BITS, INTS)
+        # One code of every word at a time (measured 2x faster here than a (rows, words, codes) tile).
         dot = tl.zeros((BLOCK_N, W), dtype=tl.float32)
         x_sum = tl.zeros((W,), dtype=tl.float32)
-        for i in tl.static_range(8):
-            cols = words * 8 + i
+        for i in tl.static_range(CODES):
+            cols = words * CODES + i
             x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-            dot += _code(lo, hi, i, BITS).to(tl.float32) * x[None, :]
+            dot += _gemv_code(t0, t1, t2, i, BITS, INTS).to(tl.float32) * x[None, :]
             x_sum += x
         if GROUP >= BLOCK_K:  # the tile lies in one group
             scale, zero = _group_params(s_ptr, z_ptr, rows * n_groups + k0 // GROUP, in_rows, BITS, SYM)
             acc += scale * (tl.sum(dot, axis=1) - zero * tl.sum(x_sum, axis=0))
         else:
             PER_TILE: tl.constexpr = BLOCK_K // GROUP
-            dot_g = tl.sum(tl.reshape(dot, (BLOCK_N, PER_TILE, GROUP // 8)), axis=2)
-            x_g = tl.sum(tl.reshape(x_sum, (PER_TILE, GROUP // 8)), axis=1)
+            dot_g = tl.sum(tl.reshape(dot, (BLOCK_N, PER_TILE, GROUP // CODES)), axis=2)
+            x_g = tl.sum(tl.reshape(x_sum, (PER_TILE, GROUP // CODES)), axis=1)
             groups = k0 // GROUP + tl.arange(0, PER_TILE)
             index = rows[:, None] * n_groups + groups[None, :]
             scale, zero = _group_params(s_ptr, z_ptr, index, in_rows[:, None] & (groups[None, :] < n_groups),
@@ -213,6 +243,19 @@ def _word_storage(layer) -> tuple[Tensor, int, int]:
     return q, q.stride(0), group
 
 
+def _gemv_layout(layer) -> tuple[Tensor, int, int, int]:
+    """The storage as the GEMV reads it: (view, row stride, codes per word, int32 per word or 0 for
+    bytes). Whole int32 where the rows allow: 4 codes at 8 bits, 8 at 4, 16 at 2, 32 in 3 ints at 3."""
+    bits, k, group = layer.bits, layer.in_features, _word_storage(layer)[2]
+    ints = {8: (4, 1), 4: (8, 1), 2: (16, 1), 3: (32, 3)}[bits]
+    if k % ints[0] == 0 and group >= ints[0]:
+        codes, n_ints = ints
+        q = layer.qweight.view(torch.int32)
+    else:  # bytes (8 bits here has whole words: _word_path)
+        codes, n_ints, q = 8, 0, layer.qweight
+    return q, q.stride(0), codes, n_ints
+
+
 def _rows_per_program(n_rows: int) -> int:
     # Enough programs to fill the GPU (a few per SM) even for the narrow k/v projections.
     return 4 if n_rows <= 2048 else 8
@@ -230,10 +273,11 @@ def gemv(x: Tensor, layer) -> Tensor:
     n, k = layer.out_features, layer.in_features
     out = torch.empty(n, device=x.device, dtype=x.dtype)
     if _word_path(layer):
-        q, stride, group = _word_storage(layer)
+        group = _word_storage(layer)[2]
+        q, stride, codes, ints = _gemv_layout(layer)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _gemv_words_kernel[grid](x.contiguous(), q, scales, zeros, out, n, stride, n_groups, K=k, BITS=layer.bits,
-                                 GROUP=group, SYM=layer.sym)
+                                 GROUP=group, SYM=layer.sym, CODES=codes, INTS=ints)
         return out
     block_n = _rows_per_program(n)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
