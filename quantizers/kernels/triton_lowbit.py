@@ -75,8 +75,9 @@ def _dequantize_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_q, packed_cols
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# The fast path reads whole 8-code words (`bits` bytes each: one int32 at 4 bits, two at 8, two or
-# three bytes at 2 and 3 bits) and applies scales per group, not per weight: y = Σ_g s_g (q_g·x_g − z_g Σx_g).
+# The word kernels read whole words of codes instead of single codes, and the GEMV applies scales per
+# group, not per weight: y = Σ_g s_g (q_g·x_g − z_g Σx_g). The dequantize kernel's words hold 8 codes
+# (`bits` bytes: one int32 at 4 bits, two at 8, bytes at 2 and 3); the GEMV's, see _gemv_layout.
 WORD_BITS = (2, 3, 4, 8)
 
 
