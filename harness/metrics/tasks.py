@@ -1,0 +1,60 @@
+"""Task accuracy through lm-evaluation-harness itself, on the (quantized) model object in memory."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..errors import UserError
+
+# What the record keeps of a task's metrics, and the per-item fields for paired comparisons.
+METRICS = ("acc", "acc_norm", "perplexity")
+
+
+def task_manager(include_path: Path | None):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(include_path) if include_path else None, verbosity="ERROR")
+
+
+def check_task_names(names: list[str], manager) -> None:
+    """An unknown task name lists the closest known names."""
+    known = set(manager.all_tasks)
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.5)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            raise UserError(f"eval.tasks: {name!r} is not a task lm-eval knows{hint}")
+
+
+def evaluate_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], include_path: Path | None = None,
+                   limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
+                   seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Per task: its metrics (and their stderr) and each item's correctness, in lm-eval's item order."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    manager = task_manager(include_path)
+    check_task_names(tasks, manager)
+    logging.getLogger("lm-eval").setLevel(logging.ERROR)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+                          log_samples=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
+                          fewshot_random_seed=seed)
+    results = {}
+    for task in tasks:
+        raw = out["results"][task]
+        metrics = {}
+        for key, value in raw.items():
+            metric, _, _filter = key.partition(",")
+            base = metric.removesuffix("_stderr")
+            if base in METRICS and isinstance(value, (int, float)):
+                metrics[metric] = float(value)
+        samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+        items = {m: [float(s[m]) for s in samples] for m in ("acc", "acc_norm") if samples and m in samples[0]}
+        results[task] = {"metrics": metrics, "items": items, "n": len(samples)}
+    return results

@@ -1,0 +1,70 @@
+"""Offline tasks: generated deterministically with right answers, scored through lm-eval itself."""
+
+import json
+
+import pytest
+
+from harness.offline_tasks import passages, write_tasks
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tasks")
+    write_tasks(folder, n_items=40, seed=0)
+    return folder
+
+
+def read(folder, name):
+    return [json.loads(line) for line in (folder / f"{name}.jsonl").read_text().splitlines()]
+
+
+def test_generation_is_deterministic_for_a_seed_and_changes_with_it(task_dir, tmp_path):
+    again = write_tasks(tmp_path / "again", n_items=40, seed=0)
+    other = write_tasks(tmp_path / "other", n_items=40, seed=1)
+    for name, items in again.items():
+        assert items == read(task_dir, name)
+        assert other[name] != items
+
+
+def test_generated_answers_are_right(task_dir):
+    texts = passages()
+    for item in read(task_dir, "qb_continuation"):
+        true_ending = item["endings"][item["label"]]
+        assert any(f"{item['ctx']} {true_ending}" in t for t in texts)
+        assert len(set(item["endings"])) == 4
+    for item in read(task_dir, "qb_lastword"):
+        assert any(t.startswith(f"{item['text']} {item['target']}") for t in texts)
+        assert item["target"] in item["text"].split(" ")  # recoverable from the context
+    for item in read(task_dir, "qb_arithmetic"):
+        a, op, b = item["question"].removeprefix("What is ").removesuffix("?").split(" ")
+        answer = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        assert item["choices"][item["label"]] == str(answer)
+        assert len(set(item["choices"])) == 4
+
+
+def test_harness_scores_equal_plain_lm_eval(tiny, task_dir):
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from harness.metrics.tasks import evaluate_tasks
+
+    model, tokenizer = tiny
+    tasks = ["qb_continuation", "qb_lastword", "qb_arithmetic"]
+    ours = evaluate_tasks(model, tokenizer, tasks, task_dir, limit=12)
+    plain = simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8), tasks=tasks,
+                            task_manager=TaskManager(include_path=str(task_dir)), limit=12)
+    for task in tasks:
+        assert ours[task]["n"] == 12
+        assert ours[task]["metrics"]["acc"] == pytest.approx(plain["results"][task]["acc,none"])
+        assert sum(ours[task]["items"]["acc"]) / 12 == pytest.approx(ours[task]["metrics"]["acc"])
+    assert ours["qb_continuation"]["metrics"]["acc_norm"] == pytest.approx(
+        plain["results"]["qb_continuation"]["acc_norm,none"])
+
+
+def test_unknown_task_lists_the_closest(tiny, task_dir):
+    from harness.errors import UserError
+    from harness.metrics.tasks import evaluate_tasks
+
+    with pytest.raises(UserError, match="closest: qb_arithmetic"):
+        evaluate_tasks(tiny[0], tiny[1], ["qb_arithmetik"], task_dir, limit=2)
