@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 import quantizers
 from quantizers import QuantSpec, QuantSpecError
 
-from . import data, results
+from . import data, offline_tasks, results
 from .errors import UserError
-from .metrics import divergence, memory, perplexity, speed
+from .metrics import divergence, memory, perplexity, speed, tasks
 from .models import load_model, resolve_device, resolve_dtype, resolve_source
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,10 @@ def _validate_eval(ev: dict[str, Any]) -> None:
             raise UserError(f"eval.{key}={ev.get(key)!r} must be an integer of at least {low}")
     if ev.get("max_windows") is not None and (not isinstance(ev["max_windows"], int) or ev["max_windows"] < 1):
         raise UserError(f"eval.max_windows={ev['max_windows']!r} must be a positive integer, or null for all")
+    if not isinstance(ev.get("tasks", []), list):
+        raise UserError(f"eval.tasks={ev['tasks']!r} must be a list of lm-eval task names, e.g. [qb_arithmetic]")
+    if ev.get("task_limit") is not None and (not isinstance(ev["task_limit"], int) or ev["task_limit"] < 1):
+        raise UserError(f"eval.task_limit={ev['task_limit']!r} must be a positive integer, or null for all items")
     for key in ("prompt_tokens", "decode_tokens", "repeats"):
         if not isinstance(ev["speed"].get(key), int) or ev["speed"][key] < 1:
             raise UserError(f"eval.speed.{key}={ev['speed'].get(key)!r} must be a positive integer")
@@ -150,6 +154,7 @@ def _evaluate(point: Point) -> dict[str, Any]:
         reference = {n: q.reference for n, q in reference.items()}
     if not point.spec.is_baseline:
         _check_backend(point, model)
+    task_folder = _prepare_tasks(ev, cfg)
     calib, calib_info = _calibration(point, tokenizer)
 
     start = time.perf_counter()
@@ -168,6 +173,10 @@ def _evaluate(point: Point) -> dict[str, Any]:
             if reference is None:  # the baseline point made the reference itself
                 _save_reference(reference_path, {name: quality}, {name: texts[name]}, merge=True)
     metrics["peak_mem_bytes"] = peak.peak_bytes
+    if task_folder is not None:
+        task_metrics, task_items = _task_metrics(model, tokenizer, ev, cfg, task_folder)
+        metrics.update(task_metrics)
+        per_sample.update(task_items)
     metrics.update(_size_metrics(model, baseline_linears))
     metrics.update(_speed_metrics(model, windows[ev["corpora"][0]][0], ev["speed"]))
     return {
@@ -178,6 +187,28 @@ def _evaluate(point: Point) -> dict[str, Any]:
         "per_sample": per_sample,
         "kernels": kernels,  # QuantLinear layers per backend
     }
+
+
+def _prepare_tasks(ev: dict[str, Any], cfg: dict[str, Any]) -> Path | None:
+    """The offline tasks' folder (generated for the seed), after checking every task name: before any work."""
+    if not ev.get("tasks"):
+        return None
+    folder = Path(cfg["out_dir"]) / "tasks" / f"seed{cfg['seed']}"
+    offline_tasks.write_tasks(folder, seed=cfg["seed"])
+    tasks.check_task_names(list(ev["tasks"]), tasks.task_manager(folder))
+    return folder
+
+
+def _task_metrics(model: nn.Module, tokenizer, ev: dict[str, Any], cfg: dict[str, Any], folder: Path
+                  ) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """lm-eval task metrics (`task/<name>/<metric>`) and each item's correctness, for paired comparisons."""
+    start = time.perf_counter()
+    found = tasks.evaluate_tasks(model, tokenizer, list(ev["tasks"]), folder, ev.get("task_limit"),
+                                 ev.get("num_fewshot"), ev.get("task_batch_size", 16), cfg["seed"])
+    metrics = {f"task/{name}/{m}": v for name, r in found.items() for m, v in r["metrics"].items()}
+    metrics["task_eval_s"] = time.perf_counter() - start
+    items = {f"task/{name}/{m}": v for name, r in found.items() for m, v in r["items"].items()}
+    return metrics, items
 
 
 def _check_backend(point: Point, model: nn.Module) -> None:

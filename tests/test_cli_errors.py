@@ -18,6 +18,8 @@ QUICK = ["model=tiny-llama", "eval=quick"]
         (["quant=rtn", "quant.group_size=-2"], "quant.group_size=-2 is not valid"),
         (["eval.corpora=[nope]"], "unknown corpus 'nope'"),
         (["dtype=float64"], "dtype='float64' is not known"),
+        (["eval.tasks=[qb_arithmetik]"], "'qb_arithmetik' is not a task lm-eval knows; closest: qb_arithmetic"),
+        (["eval.task_limit=0"], "eval.task_limit=0 must be a positive integer"),
         (["quant=rtn", "quant.backend=marlin"], "quant.backend='marlin' is not known"),
         (["quant=rtn", "quant.bits=3", "quant.backend=cpu_int4"],
          "it serves 4-bit weights only, not 3-bit; backends that can: torch"),
