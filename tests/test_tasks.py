@@ -68,3 +68,18 @@ def test_unknown_task_lists_the_closest(tiny, task_dir):
 
     with pytest.raises(UserError, match="closest: qb_arithmetic"):
         evaluate_tasks(tiny[0], tiny[1], ["qb_arithmetik"], task_dir, limit=2)
+
+
+def test_a_sweep_point_records_task_metrics_and_items(tmp_path):
+    from conftest import run_cli
+
+    proc = run_cli("run", "model=tiny-llama", "eval=quick", "quant=rtn", "quant.bits=4", "quant.group_size=32",
+                   "eval.tasks=[qb_arithmetic,qb_lastword]", "eval.task_limit=6", f"out_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads(next((tmp_path / "runs").glob("*.json")).read_text())
+    for task in ("qb_arithmetic", "qb_lastword"):
+        items = record["per_sample"][f"task/{task}/acc"]
+        assert len(items) == 6 and set(items) <= {0.0, 1.0}
+        assert record["metrics"][f"task/{task}/acc"] == pytest.approx(sum(items) / 6)
+        assert f"task/{task}/acc_stderr" in record["metrics"]
+    assert record["metrics"]["task/qb_lastword/perplexity"] > 1
