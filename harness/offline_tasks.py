@@ -167,3 +167,61 @@ def write_tasks(folder: Path, n_items: int = 200, seed: int = 0) -> dict[str, li
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         (folder / f"{name}.yaml").write_text(_YAML[name].format(data=path.resolve(), version=f"{seed}.{n_items}"))
     return items
+
+
+# Local files in the layout of a known task: the fields that identify the layout, and the task's prompt.
+LAYOUTS = {
+    "hellaswag": {"fields": ("ctx", "endings", "label"), "text": "{{ctx}}", "choice": "{{endings}}",
+                  "target": "{{label | int}}", "delimiter": " "},
+    "arc": {"fields": ("question", "choices", "answerKey"), "text": "Question: {{question}}\\nAnswer:",
+            "choice": "{{choices.text}}", "target": "{{choices.label.index(answerKey)}}", "delimiter": " "},
+    "piqa": {"fields": ("goal", "sol1", "sol2", "label"), "text": "Question: {{goal}}\\nAnswer:",
+             "choice": "{{[sol1, sol2]}}", "target": "{{label | int}}", "delimiter": " "},
+}
+
+_LOCAL_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "{text}"
+doc_to_choice: "{choice}"
+doc_to_target: "{target}"
+target_delimiter: "{delimiter}"
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def detect_layout(path: Path) -> str:
+    """The known layout a JSONL file's first record matches; raises naming the fields each expects."""
+    from .errors import UserError
+
+    try:
+        first = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
+    except (OSError, IndexError, json.JSONDecodeError) as e:
+        raise UserError(f"eval.local_tasks: {path} is not a readable JSONL file ({type(e).__name__})") from None
+    for layout, spec in LAYOUTS.items():
+        if all(f in first for f in spec["fields"]):
+            return layout
+    expected = "; ".join(f"{name}: {', '.join(spec['fields'])}" for name, spec in LAYOUTS.items())
+    raise UserError(f"eval.local_tasks: {path} has fields {', '.join(first)}, which match no known layout. "
+                    f"Expected one of: {expected}")
+
+
+def write_local_task(folder: Path, name: str, path: Path) -> str:
+    """An lm-eval task `name` over a local JSONL file, with its layout's prompt format and metrics."""
+    spec = LAYOUTS[detect_layout(path)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.yaml").write_text(_LOCAL_YAML.format(name=name, data=path.resolve(), **{
+        k: spec[k] for k in ("text", "choice", "target", "delimiter")}))
+    return name

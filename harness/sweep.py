@@ -191,19 +191,25 @@ def _evaluate(point: Point) -> dict[str, Any]:
 
 def _prepare_tasks(ev: dict[str, Any], cfg: dict[str, Any]) -> Path | None:
     """The offline tasks' folder (generated for the seed), after checking every task name: before any work."""
-    if not ev.get("tasks"):
+    if not _task_names(ev):
         return None
     folder = Path(cfg["out_dir"]) / "tasks" / f"seed{cfg['seed']}"
     offline_tasks.write_tasks(folder, seed=cfg["seed"])
-    tasks.check_task_names(list(ev["tasks"]), tasks.task_manager(folder))
+    for name, path in (ev.get("local_tasks") or {}).items():
+        offline_tasks.write_local_task(folder, name, Path(path).expanduser())
+    tasks.check_task_names(_task_names(ev), tasks.task_manager(folder))
     return folder
+
+
+def _task_names(ev: dict[str, Any]) -> list[str]:
+    return [*(ev.get("tasks") or []), *(ev.get("local_tasks") or {})]
 
 
 def _task_metrics(model: nn.Module, tokenizer, ev: dict[str, Any], cfg: dict[str, Any], folder: Path
                   ) -> tuple[dict[str, float], dict[str, list[float]]]:
     """lm-eval task metrics (`task/<name>/<metric>`) and each item's correctness, for paired comparisons."""
     start = time.perf_counter()
-    found = tasks.evaluate_tasks(model, tokenizer, list(ev["tasks"]), folder, ev.get("task_limit"),
+    found = tasks.evaluate_tasks(model, tokenizer, _task_names(ev), folder, ev.get("task_limit"),
                                  ev.get("num_fewshot"), ev.get("task_batch_size", 16), cfg["seed"])
     metrics = {f"task/{name}/{m}": v for name, r in found.items() for m, v in r["metrics"].items()}
     metrics["task_eval_s"] = time.perf_counter() - start

@@ -83,3 +83,36 @@ def test_a_sweep_point_records_task_metrics_and_items(tmp_path):
         assert record["metrics"][f"task/{task}/acc"] == pytest.approx(sum(items) / 6)
         assert f"task/{task}/acc_stderr" in record["metrics"]
     assert record["metrics"]["task/qb_lastword/perplexity"] > 1
+
+
+LOCAL_LAYOUTS = {
+    "hellaswag": lambda i: {"ctx": f"Count up: {i}, {i + 1},", "endings": [f"{i + 2}", "blue", "north", "seven"],
+                            "label": 0},
+    "arc": lambda i: {"question": f"What follows {i}?", "answerKey": "B",
+                      "choices": {"text": ["a cat", f"{i + 1}", "the sea"], "label": ["A", "B", "C"]}},
+    "piqa": lambda i: {"goal": f"Write {i} in digits", "sol1": "with letters", "sol2": f"as {i}", "label": 1},
+}
+
+
+@pytest.mark.parametrize("layout", sorted(LOCAL_LAYOUTS))
+def test_local_file_tasks_load_and_score_in_each_layout(tiny, tmp_path, layout):
+    from harness.metrics.tasks import evaluate_tasks
+    from harness.offline_tasks import detect_layout, write_local_task
+
+    path = tmp_path / f"{layout}.jsonl"
+    path.write_text("".join(json.dumps(LOCAL_LAYOUTS[layout](i)) + "\n" for i in range(5)))
+    assert detect_layout(path) == layout
+    name = write_local_task(tmp_path / "tasks", f"local_{layout}", path)
+    found = evaluate_tasks(tiny[0], tiny[1], [name], tmp_path / "tasks")[name]
+    assert found["n"] == 5 and set(found["items"]["acc"]) <= {0.0, 1.0}
+    assert 0 <= found["metrics"]["acc"] <= 1 and "acc_norm" in found["metrics"]
+
+
+def test_a_local_file_in_no_known_layout_says_which_fields_it_expected(tmp_path):
+    from harness.errors import UserError
+    from harness.offline_tasks import detect_layout
+
+    path = tmp_path / "odd.jsonl"
+    path.write_text(json.dumps({"prompt": "x", "answer": "y"}) + "\n")
+    with pytest.raises(UserError, match=r"fields prompt, answer.*hellaswag: ctx, endings, label.*piqa: goal"):
+        detect_layout(path)
