@@ -39,12 +39,14 @@ def test_triton_kernels_match_the_reference(bits, group_size, sym, width):
 @pytest.mark.parametrize("group_size,sym", [(32, False), (64, True), (128, False), (256, False)])
 def test_cpu_int4_matches_the_reference(group_size, sym):
     layer = quant_linear(64, 512, 4, group_size, sym, bias=True)
-    x = torch.randn(3, 5, 512, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(1, 3, 512, generator=torch.Generator().manual_seed(2))  # decode-sized: the int4 kernel
     expected = dequantize_matmul(x, layer)
     got = BACKENDS["cpu_int4"].forward(x, layer)
     assert got.shape == expected.shape
     # the CPU kernel rounds the dequantized weights to bf16 internally: a bf16-sized tolerance
     assert (got - expected).norm() / expected.norm() < 5e-3
+    many_rows = torch.randn(2, 40, 512, generator=torch.Generator().manual_seed(3))  # handed to the reference
+    torch.testing.assert_close(BACKENDS["cpu_int4"].forward(many_rows, layer), dequantize_matmul(many_rows, layer))
 
 
 def test_auto_picks_a_backend_per_format_and_falls_back():

@@ -87,10 +87,17 @@ def prepare_cpu(layer: nn.Module) -> None:
         layer._cpu_int4 = packed, _scales_and_zeros(layer, torch.float32)
 
 
+# The CPU kernel is for decoding: with float32 activations, on a 2-core x86 machine, one 576 x 1536 layer
+# took 0.9 ms at 1 row (the reference: 4.5 ms) but 213 ms at 256 rows (the reference: 5.7 ms).
+MAX_CPU_INT4_ROWS = 4
+
+
 def cpu_forward(x: Tensor, layer: nn.Module) -> Tensor:
     prepare_cpu(layer)
     packed, scales_and_zeros = layer._cpu_int4
     flat = x.reshape(-1, layer.in_features)
+    if flat.shape[0] > MAX_CPU_INT4_ROWS:
+        return torch.nn.functional.linear(x, layer.dequantize_weight(x.dtype), layer.bias)
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, layer.group_size, scales_and_zeros.to(x.dtype))
     if layer.bias is not None:
         y = y + layer.bias.to(y.dtype)
