@@ -91,66 +91,30 @@ def arithmetic_items(n: int, seed: int) -> list[dict[str, Any]]:
     return items
 
 
-_YAML = {
-    "qb_continuation": """task: qb_continuation
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "{{{{ctx}}}}"
-doc_to_choice: "{{{{endings}}}}"
-doc_to_target: label
-target_delimiter: " "
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: {version}
-""",
-    "qb_lastword": """task: qb_lastword
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-output_type: loglikelihood
-test_split: test
-doc_to_text: "{{{{text}}}}"
-doc_to_target: "{{{{' ' + target}}}}"
-target_delimiter: ""
-metric_list:
-  - metric: perplexity
-    aggregation: perplexity
-    higher_is_better: false
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: {version}
-""",
-    "qb_arithmetic": """task: qb_arithmetic
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: {version}
-""",
+# Per task: how lm-eval turns an item into a prompt and a target, and what it measures.
+_PROMPTS = {
+    "qb_continuation": ("multiple_choice", {"doc_to_text": "{{ctx}}", "doc_to_choice": "{{endings}}",
+                                            "doc_to_target": "label", "target_delimiter": " "}, ("acc", "acc_norm")),
+    "qb_lastword": ("loglikelihood", {"doc_to_text": "{{text}}", "doc_to_target": "{{' ' + target}}",
+                                      "target_delimiter": ""}, ("perplexity", "acc")),
+    "qb_arithmetic": ("multiple_choice", {"doc_to_text": "Question: {{question}}\\nAnswer:",
+                                          "doc_to_choice": "{{choices}}", "doc_to_target": "label"}, ("acc",)),
 }
+_AGGREGATION = {"acc": ("mean", "true"), "acc_norm": ("mean", "true"), "perplexity": ("perplexity", "false")}
+
+
+def _task_yaml(name: str, data: Path, output_type: str, prompt: dict[str, str], metrics: tuple[str, ...],
+               version: str) -> str:
+    """An lm-eval task over a local JSONL file (its test split)."""
+    lines = [f"task: {name}", "dataset_path: json", "dataset_kwargs:", "  data_files:", f"    test: {data}",
+             f"output_type: {output_type}", "test_split: test"]
+    lines += [f'{key}: "{value}"' for key, value in prompt.items()]
+    lines += ["metric_list:"]
+    for metric in metrics:
+        aggregation, higher_is_better = _AGGREGATION[metric]
+        lines += [f"  - metric: {metric}", f"    aggregation: {aggregation}",
+                  f"    higher_is_better: {higher_is_better}"]
+    return "\n".join([*lines, "metadata:", f"  version: {version}", ""])
 
 
 def write_tasks(folder: Path, n_items: int = 200, seed: int = 0) -> dict[str, list[dict[str, Any]]]:
@@ -165,7 +129,9 @@ def write_tasks(folder: Path, n_items: int = 200, seed: int = 0) -> dict[str, li
     for name, rows in items.items():
         path = folder / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (folder / f"{name}.yaml").write_text(_YAML[name].format(data=path.resolve(), version=f"{seed}.{n_items}"))
+        output_type, prompt, metrics = _PROMPTS[name]
+        (folder / f"{name}.yaml").write_text(_task_yaml(name, path.resolve(), output_type, prompt, metrics,
+                                                        f"{seed}.{n_items}"))
     return items
 
 
@@ -178,29 +144,6 @@ LAYOUTS = {
     "piqa": {"fields": ("goal", "sol1", "sol2", "label"), "text": "Question: {{goal}}\\nAnswer:",
              "choice": "{{[sol1, sol2]}}", "target": "{{label | int}}", "delimiter": " "},
 }
-
-_LOCAL_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-output_type: multiple_choice
-test_split: test
-doc_to_text: "{text}"
-doc_to_choice: "{choice}"
-doc_to_target: "{target}"
-target_delimiter: "{delimiter}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
-
 
 def detect_layout(path: Path) -> str:
     """The known layout a JSONL file's first record matches; raises naming the fields each expects."""
@@ -222,6 +165,8 @@ def write_local_task(folder: Path, name: str, path: Path) -> str:
     """An lm-eval task `name` over a local JSONL file, with its layout's prompt format and metrics."""
     spec = LAYOUTS[detect_layout(path)]
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.yaml").write_text(_LOCAL_YAML.format(name=name, data=path.resolve(), **{
-        k: spec[k] for k in ("text", "choice", "target", "delimiter")}))
+    prompt = {"doc_to_text": spec["text"], "doc_to_choice": spec["choice"], "doc_to_target": spec["target"],
+              "target_delimiter": spec["delimiter"]}
+    (folder / f"{name}.yaml").write_text(_task_yaml(name, path.resolve(), "multiple_choice", prompt,
+                                                    ("acc", "acc_norm"), "1.0"))
     return name

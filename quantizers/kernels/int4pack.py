@@ -63,11 +63,17 @@ MAX_TINYGEMM_ROWS = 16
 def tinygemm_forward(x: Tensor, layer: nn.Module) -> Tensor:
     prepare_tinygemm(layer)
     packed, scales_and_zeros = layer._tinygemm
+    # tinygemm computes in bf16 only
+    return _forward(x, layer, MAX_TINYGEMM_ROWS, _dense_weight, lambda flat: torch.ops.aten._weight_int4pack_mm(
+        flat.to(torch.bfloat16), packed, layer.group_size, scales_and_zeros).to(x.dtype))
+
+
+def _forward(x: Tensor, layer: nn.Module, max_rows: int, dense_weight, int4_matmul) -> Tensor:
+    """y = x Wᵀ + b through int4_matmul on (rows, K) inputs, or a dense matmul above max_rows rows."""
     flat = x.reshape(-1, layer.in_features)
-    if flat.shape[0] > MAX_TINYGEMM_ROWS:
-        return torch.nn.functional.linear(x, _dense_weight(layer, x.dtype), layer.bias)
-    flat = flat.to(torch.bfloat16)  # tinygemm computes in bf16 only
-    y = torch.ops.aten._weight_int4pack_mm(flat, packed, layer.group_size, scales_and_zeros).to(x.dtype)
+    if flat.shape[0] > max_rows:
+        return torch.nn.functional.linear(x, dense_weight(layer, x.dtype), layer.bias)
+    y = int4_matmul(flat)
     if layer.bias is not None:
         y = y + layer.bias.to(y.dtype)
     return y.reshape(*x.shape[:-1], layer.out_features)
@@ -95,10 +101,6 @@ MAX_CPU_INT4_ROWS = 4
 def cpu_forward(x: Tensor, layer: nn.Module) -> Tensor:
     prepare_cpu(layer)
     packed, scales_and_zeros = layer._cpu_int4
-    flat = x.reshape(-1, layer.in_features)
-    if flat.shape[0] > MAX_CPU_INT4_ROWS:
-        return torch.nn.functional.linear(x, layer.dequantize_weight(x.dtype), layer.bias)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, layer.group_size, scales_and_zeros.to(x.dtype))
-    if layer.bias is not None:
-        y = y + layer.bias.to(y.dtype)
-    return y.reshape(*x.shape[:-1], layer.out_features)
+    return _forward(x, layer, MAX_CPU_INT4_ROWS, lambda m, dtype: m.dequantize_weight(dtype),
+                    lambda flat: torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, layer.group_size,
+                                                                              scales_and_zeros.to(x.dtype)))
