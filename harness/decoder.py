@@ -89,14 +89,21 @@ class StaticDecoder:
 
     def _capture(self) -> None:
         token, pos = self.token.clone(), self.pos.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph: kernels compile, workspaces exist
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step()
+        self.graph = capture_cuda_graph(self._step, warmup=2)
         self.token.copy_(token)  # the warm-up moved on; its cache writes are rewritten by the next steps
         self.pos.copy_(pos)
+
+
+def capture_cuda_graph(fn, warmup: int) -> torch.cuda.CUDAGraph:
+    """fn captured in a CUDA graph, after `warmup` calls on a side stream (kernels compile, workspaces
+    are allocated outside the graph, as capture requires)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph

@@ -8,7 +8,7 @@ import time
 import torch
 from torch import Tensor, nn
 
-from ..decoder import StaticDecoder
+from ..decoder import StaticDecoder, capture_cuda_graph
 
 
 def _sync(device: torch.device) -> None:
@@ -35,15 +35,7 @@ def timed_us(fn, device: torch.device, repeats: int) -> float:
     time is the kernels' and not Python's launch overhead; on the CPU, the median of `repeats` calls."""
     if device.type != "cuda":
         return _median_time_s(fn, device, repeats, warmup=2) * 1e6
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # compile kernels, allocate workspaces
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph = capture_cuda_graph(fn, warmup=3)
     graph.replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
