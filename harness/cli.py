@@ -102,17 +102,31 @@ def _report(argv: list[str]) -> None:
 
 
 def _select(argv: list[str]) -> None:
-    from .results import load_records, records_to_frame, write_json_atomic
+    from .results import load_records, write_json_atomic
     from .select import select
 
     if not argv:
         raise UserError("select takes the sweep folder first: python -m harness select results/default max_kl=0.05")
     out_dir = Path(argv[0])
-    selection = select(records_to_frame(load_records(out_dir)), _policy(out_dir, argv[1:]))
+    selection = select(load_records(out_dir), _policy(out_dir, argv[1:]))
     write_json_atomic(out_dir / "selection.json", selection)
+    print(selection_text(selection))
+
+
+def selection_text(selection: dict[str, Any]) -> str:
+    """Every point, pass or fail, each check as estimate [bound at the confidence], and the verdict."""
+    lines = []
     for p in selection["points"]:
-        print(f"{p['label']:<28} {'pass' if p['passed'] else 'fail: ' + '; '.join(p['reasons'])}")
-    print(f"verdict: {selection['verdict']}")
+        mark = "baseline" if p["is_baseline"] else ("pass" if p["passed"] else "FAIL")
+        if p["run_id"] == selection["chosen"]:
+            mark = "CHOSEN"
+        checks = "  ".join(f"{c['name']} {c['estimate']:+.4g} [{c['upper']:+.4g}]" for c in p["checks"] if c["units"])
+        lines.append(f"{mark:<8} {p['label']:<26} {checks}")
+        lines += [f"{'':<9}- {reason}" for reason in p["reasons"]] if not p["is_baseline"] else []
+    confidence = selection["policy"]["confidence"]
+    lines.append(f"(estimate [upper bound at {confidence:.0%}]; ppl in %, task drops in accuracy points / 100)")
+    lines.append(f"verdict: {selection['verdict']}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,103 +1,208 @@
-"""Tables, plots, the verdict and report.md, rebuilt from DIR/runs/*.json at any time."""
+"""Tables, plots, the verdict, report.md and a self-contained report.html, rebuilt from DIR/runs/*.json."""
 
 from __future__ import annotations
 
+import base64
+import html
+import math
+import re
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
-from . import plots, results
+from . import capacity, plots, results
 from .errors import UserError
-from .select import baseline_row, point_label, quality_corpora, select
+from .select import select
+
+Block = tuple  # ("h1" | "h2" | "p" | "ul", text or items) | ("table", header, rows) | ("img", path, alt)
 
 
 def build(out_dir: Path, policy: dict[str, Any]) -> dict[str, Any]:
-    """Aggregate the records of `out_dir`; write results.parquet/csv, plots/, selection.json, report.md."""
+    """Aggregate the records of `out_dir`; write results.parquet/csv, selection.json, plots/, report.md/.html."""
     records = results.load_records(out_dir)
     if not records:
         raise UserError(f"{out_dir} holds no run records (runs/*.json): run a sweep with out_dir={out_dir} first")
     frame = results.records_to_frame(records)
     results.write_tables(out_dir, frame)
-    ok = frame[frame["status"] == "ok"]
-    corpora = quality_corpora(ok)
-    has_baseline = (ok["method"] == "fp16").any()
-    selection = select(frame, policy) if has_baseline else None
+    has_baseline = any(r["status"] == "ok" and r.get("quant", {}).get("method") == policy.get("baseline", "fp16")
+                       for r in records)
+    selection = select(records, policy) if has_baseline else None
     if selection is not None:
         results.write_json_atomic(out_dir / "selection.json", selection)
-    pngs = plots.draw_all(frame, out_dir / "plots", corpora[0]) if corpora and not ok.empty else []
-    (out_dir / "report.md").write_text(_markdown(frame, records, selection, pngs, out_dir))
+    pngs = plots.draw_all(selection, out_dir / "plots") if selection else []
+    blocks = report_blocks(records, selection, pngs, out_dir)
+    (out_dir / "report.md").write_text(to_markdown(blocks, out_dir))
+    (out_dir / "report.html").write_text(to_html(blocks))
     return {"frame": frame, "selection": selection, "plots": pngs}
 
 
-def _markdown(frame: pd.DataFrame, records: list[dict], selection: dict | None, pngs: list[Path],
-              out_dir: Path) -> str:
-    first = next(r for r in records if r["status"] == "ok") if any(r["status"] == "ok" for r in records) else None
-    lines = ["# Quantization sweep report", ""]
-    if selection is not None:
-        lines += [f"**Verdict:** {selection['verdict']}", "",
-                  f"Quality bar: {_policy_text(selection['policy'])}.", ""]
+def report_blocks(records: list[dict], selection: dict | None, pngs: list[Path], out_dir: Path) -> list[Block]:
+    blocks: list[Block] = [("h1", "Quantization sweep report")]
+    if selection is None:
+        blocks.append(("p", "**Verdict:** none: the sweep has no baseline point. Add one to the same folder with "
+                            f"`python -m harness run quant=fp16 out_dir={out_dir}`."))
     else:
-        lines += ["**Verdict:** none: the sweep has no baseline point (add `quant=fp16`).", ""]
+        blocks += [("p", f"**Verdict:** {selection['verdict']}"), ("p", f"Quality bar: {policy_text(selection)}.")]
+        blocks += [("h2", "What it means"), ("p", _capacity_intro()), capacity_table(selection, records)]
+        blocks += [("h2", "Results"), results_table(selection)]
+        failing = [p for p in selection["points"] if not p["passed"] and not p["is_baseline"]]
+        if failing:
+            blocks += [("h2", "Why points fail"), ("ul", [f"{p['label']}: {'; '.join(p['reasons'])}" for p in failing])]
+    blocks += [("h2", "Plots")] + [("img", p, p.stem) for p in pngs] if pngs else []
+    first = next((r for r in records if r["status"] == "ok"), None)
     if first is not None:
-        lines += _setup_lines(first)
-    lines += ["## Results", "", _table(frame, selection), ""]
+        blocks += [("h2", "Setup"), ("ul", setup_lines(first))]
     failed = [r for r in records if r["status"] != "ok"]
     if failed:
-        lines += ["## Failed points", ""] + [f"- `{r['run_id']}`: {r['error']['type']}: {r['error']['message']}"
-                                              for r in failed] + [""]
-    if pngs:
-        lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in pngs] + [""]
-    lines += ["Speed ratios (×) are against the baseline measured in the same sweep, on the same machine.", ""]
-    return "\n".join(lines)
+        blocks += [("h2", "Failed runs"),
+                   ("ul", [f"`{r['run_id']}`: {r['error']['type']}: {r['error']['message']}" for r in failed])]
+    return blocks
 
 
-def _policy_text(policy: dict[str, Any]) -> str:
-    return (f"perplexity at most +{policy['max_ppl_increase_pct']}% and mean KL at most {policy['max_kl']} "
-            f"on every corpus; smallest {policy['objective']} wins")
+def policy_text(selection: dict[str, Any]) -> str:
+    p = selection["policy"]
+    parts = []
+    if p.get("max_ppl_increase_pct") is not None:
+        parts.append(f"perplexity at most +{p['max_ppl_increase_pct']}% per corpus")
+    if p.get("max_kl") is not None:
+        parts.append(f"mean KL at most {p['max_kl']} per corpus")
+    if selection["tasks"] and p.get("max_task_drop") is not None:
+        parts.append(f"{p['task_metric']} drop at most {p['max_task_drop']} per task")
+    if selection["tasks"] and p.get("max_mean_task_drop") is not None:
+        parts.append(f"at most {p['max_mean_task_drop']} on the mean over tasks")
+    judged = ", ".join(selection["corpora"] + selection["tasks"])
+    return (f"{'; '.join(parts) or 'no thresholds'} (on {judged}), each as the {p['confidence']:.0%} bound of a paired "
+            f"bootstrap ({p['bootstrap_samples']} resamples of the baseline's windows and items); "
+            f"{_objective_text(p['objective'])} wins")
 
 
-def _setup_lines(record: dict) -> list[str]:
-    model, env, data = record["model"], record["env"], record.get("data", {})
-    lines = ["## Setup", "",
-             f"- Model: `{model['name']}` ({model['architecture']}, {model['params'] / 1e6:.1f}M parameters), "
-             f"source format: {model['source_format']}; evaluated in {model['dtype']}.",
-             f"- Machine: {env['device_name']}; python {env['python']}, torch {env['torch']}, "
-             f"transformers {env['transformers']}."]
-    if model["source_format"].startswith("gguf Q") or "Q4" in model["source_format"]:
-        lines.append("- The source weights are themselves a low-bit GGUF, dequantized on load: the baseline is "
-                     "that dequantized model, not the original bf16 release.")
-    for corpus, d in data.get("eval", {}).items():
-        lines.append(f"- Corpus `{corpus}` (evaluation part): {d['tokens']} tokens, sha256 {d['sha256'][:12]}, "
-                     f"{d['windows']} windows of {d['seqlen']} tokens. Compare numbers only on the same hash.")
-    return lines + [""]
+def _objective_text(objective: str) -> str:
+    from .select import OBJECTIVES
+
+    return f"{OBJECTIVES[objective]} {objective}"
 
 
-def _table(frame: pd.DataFrame, selection: dict | None) -> str:
-    ok = frame[frame["status"] == "ok"]
-    if ok.empty:
-        return "(no point finished: see the failed points below)"
-    corpora = quality_corpora(ok)
-    try:
-        base = baseline_row(frame)
-    except UserError:
-        base = None
-    header = ["point", "bits/weight", "weight MB"]
-    for c in corpora:
-        header += [f"ppl {c}", f"Δppl {c}", f"KL {c}", f"top-1 {c}"]
-    header += ["prefill tok/s", "decode tok/s", "quant s", "bar"]
-    passed = {p["run_id"]: p["passed"] for p in (selection or {}).get("points", [])}
+def _capacity_intro() -> str:
+    return (f"Weight memory of this architecture family (Llama) at three sizes, with the decoder linears at the "
+            f"precision's measured bits per weight (scales included) and embeddings and output head in 16 bits; "
+            f"a GPU holds a model if the weights take at most {capacity.HEADROOM:.0%} of its memory (the rest for "
+            "activations and a short KV cache; long contexts need more).")
+
+
+def capacity_table(selection: dict[str, Any], records: list[dict]) -> Block:
+    by_id = {r["run_id"]: r for r in records}
+    points = [{"label": "baseline (16-bit)", "bits_per_weight": None}]
+    if selection["chosen"]:
+        chosen = by_id[selection["chosen"]]
+        points.append({"label": selection["chosen_label"], "bits_per_weight": chosen["metrics"]["bits_per_weight"],
+                       "quantize_head": bool(chosen["quant"].get("quantize_lm_head"))})
+    rows = [[r["point"], r["size"], f"{r['weight_gb']:.1f}", r["fits"]] for r in capacity.table(points)]
+    return ("table", ["precision", "model size", "weights GB", "smallest GPU that holds it"], rows)
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def results_table(selection: dict[str, Any]) -> Block:
+    """Every point: size, each check as estimate [bound], speed against the baseline, pass or fail."""
+    checks = [c["name"] for c in next(p for p in selection["points"] if p["is_baseline"])["checks"]]
+    base = next(p for p in selection["points"] if p["is_baseline"])
+    header = ["point", "bits/weight", "weight MB"] + [_check_header(c) for c in checks] + ["decode tok/s", "bar"]
     rows = []
-    for _, r in ok.sort_values(["bits_per_weight", "method"], ascending=[False, True]).iterrows():
-        row = [point_label(r) + (" ✅" if selection and r["run_id"] == selection["chosen"] else ""),
-               f"{r['bits_per_weight']:.2f}", f"{r['weight_bytes'] / 1e6:.1f}"]
-        for c in corpora:
-            delta = "" if base is None else f"{100 * (r[f'ppl/{c}'] / base[f'ppl/{c}'] - 1):+.2f}%"
-            row += [f"{r[f'ppl/{c}']:.3f}", delta, f"{r[f'kl/{c}']:.4f}", f"{r[f'top1/{c}']:.3f}"]
-        for key in ("prefill_tok_s", "decode_tok_s"):
-            ratio = "" if base is None else f" ({r[key] / base[key]:.2f}×)"
-            row.append(f"{r[key]:.1f}{ratio}")
-        row += [f"{r['quant_time_s']:.1f}", {True: "pass", False: "fail"}.get(passed.get(r["run_id"]), "")]
+    order = sorted(selection["points"], key=lambda p: (not p["is_baseline"], -(p["bits_per_weight"] or 0), p["label"]))
+    for p in order:
+        mark = " ✅" if p["run_id"] == selection["chosen"] else (" (baseline)" if p["is_baseline"] else "")
+        row = [p["label"] + mark, _fmt(p["bits_per_weight"], ".2f"), _fmt((p["weight_bytes"] or math.nan) / 1e6, ".1f")]
+        found = {c["name"]: c for c in p["checks"]}
+        row += [_check_cell(found.get(name)) for name in checks]
+        speed = p["decode_tok_s"]
+        ratio = f" ({speed / base['decode_tok_s']:.2f}×)" if speed and base["decode_tok_s"] else ""
+        row.append(_fmt(speed, ".1f") + ratio)
+        row.append("pass" if p["passed"] else "fail")
         rows.append(row)
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return "\n".join(out + ["| " + " | ".join(row) + " |" for row in rows])
+    return ("table", header, rows)
+
+
+def _check_header(name: str) -> str:
+    if name.startswith("ppl/"):
+        return f"Δppl {name[4:]} % [bound]"
+    if name.startswith("kl/"):
+        return f"KL {name[3:]} [bound]"
+    return f"drop {name[5:]} pts [bound]"
+
+
+def _check_cell(check: dict | None) -> str:
+    if check is None or check["units"] == 0:
+        return "n/a"
+    if check["name"].startswith("kl/"):
+        return f"{check['estimate']:.4f} [{check['upper']:.4f}]"
+    scale = 100 if check["name"].startswith("task/") else 1  # task drops in accuracy points
+    better = " (better)" if check["better"] else ""
+    return f"{scale * check['estimate']:+.2f} [{scale * check['upper']:+.2f}]{better}"
+
+
+def setup_lines(record: dict) -> list[str]:
+    model, env, data = record["model"], record["env"], record.get("data", {})
+    lines = [f"Model: `{model['name']}` ({model['architecture']}, {model['params'] / 1e6:.1f}M parameters), "
+             f"source format: {model['source_format']}; evaluated in {model['dtype']}.",
+             f"Machine: {env['device_name']}; python {env['python']}, torch {env['torch']}, "
+             f"transformers {env['transformers']}."]
+    if "Q4" in model["source_format"] or "Q8" in model["source_format"]:
+        lines.append("The source weights are themselves a low-bit GGUF, dequantized on load: the baseline is that "
+                     "dequantized model, not the original bf16 release.")
+    for corpus, d in data.get("eval", {}).items():
+        lines.append(f"Corpus `{corpus}` (evaluation part): {d['tokens']} tokens, sha256 {d['sha256'][:12]}, "
+                     f"{d['windows']} windows of {d['seqlen']} tokens. Compare numbers only on the same hash.")
+    lines.append("Speed ratios (×) are against the baseline measured in the same sweep, on the same machine.")
+    return lines
+
+
+def to_markdown(blocks: list[Block], out_dir: Path) -> str:
+    out = []
+    for block in blocks:
+        kind = block[0]
+        if kind in ("h1", "h2"):
+            out += [f"{'#' if kind == 'h1' else '##'} {block[1]}", ""]
+        elif kind == "p":
+            out += [block[1], ""]
+        elif kind == "ul":
+            out += [f"- {item}" for item in block[1]] + [""]
+        elif kind == "table":
+            header, rows = block[1], block[2]
+            out += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+            out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows] + [""]
+        elif kind == "img":
+            out += [f"![{block[2]}]({block[1].relative_to(out_dir).as_posix()})", ""]
+    return "\n".join(out)
+
+
+def _inline(text: str) -> str:
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", text)
+
+
+def to_html(blocks: list[Block]) -> str:
+    """One file, the plots embedded as data URIs: it can be mailed or attached as it is."""
+    body = []
+    for block in blocks:
+        kind = block[0]
+        if kind in ("h1", "h2"):
+            body.append(f"<{kind}>{_inline(block[1])}</{kind}>")
+        elif kind == "p":
+            body.append(f"<p>{_inline(block[1])}</p>")
+        elif kind == "ul":
+            body.append("<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in block[1]) + "</ul>")
+        elif kind == "table":
+            head = "".join(f"<th>{_inline(h)}</th>" for h in block[1])
+            rows = "".join("<tr>" + "".join(f"<td>{_inline(str(c))}</td>" for c in row) + "</tr>" for row in block[2])
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif kind == "img":
+            data = base64.b64encode(block[1].read_bytes()).decode()
+            body.append(f'<figure><img alt="{html.escape(block[2])}" src="data:image/png;base64,{data}"></figure>')
+    style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;"
+             "text-align:left}th{background:#f3f3f3}img{max-width:100%}code{background:#f3f3f3}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Quantization sweep report</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+

@@ -1,63 +1,254 @@
-"""The quality bar and the verdict: the most aggressive point whose quality stays within the bar."""
+"""The verdict: the most aggressive point whose quality stays within the policy's bar, with confidence.
+
+A point passes only if every check's bound (paired bootstrap over the baseline's windows and items,
+`harness.stats`) is within its threshold. Among passing points the objective decides; points tied on it
+are told apart by quality only where the difference is beyond noise, then by decode speed.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import pandas as pd
 
+from . import stats
 from .errors import UserError
 
-OBJECTIVES = ("weight_bytes", "bits_per_weight")
+OBJECTIVES = {"weight_bytes": "smallest", "bits_per_weight": "smallest", "decode_tok_s": "largest"}
+TIE_TOLERANCE = 0.005  # objectives within 0.5% of each other are a tie (same format, other method)
+THRESHOLD_KEYS = ("max_ppl_increase_pct", "max_kl", "max_task_drop")
 
 
-def quality_corpora(frame: pd.DataFrame) -> list[str]:
-    return sorted(c.removeprefix("ppl/") for c in frame.columns if c.startswith("ppl/"))
-
-
-def baseline_row(frame: pd.DataFrame) -> pd.Series:
-    base = frame[(frame["method"] == "fp16") & (frame["status"] == "ok")]
-    if base.empty:
-        raise UserError("the sweep has no baseline point: add one with quant=fp16 (same model and eval settings)")
-    return base.iloc[0]
-
-
-def select(frame: pd.DataFrame, policy: dict[str, Any]) -> dict[str, Any]:
-    """Judge every point against the baseline; choose the passing point with the smallest objective."""
-    objective = policy.get("objective", "weight_bytes")
-    if objective not in OBJECTIVES:
-        raise UserError(f"select.objective={objective!r} is not known: use one of {', '.join(OBJECTIVES)}")
-    base = baseline_row(frame)
-    corpora = quality_corpora(frame)
-    points = []
-    for _, row in frame[frame["status"] == "ok"].iterrows():
-        reasons = []
-        for c in corpora:
-            increase = 100 * (row[f"ppl/{c}"] / base[f"ppl/{c}"] - 1)
-            if increase > policy["max_ppl_increase_pct"]:
-                reasons.append(f"ppl/{c} +{increase:.2f}% > {policy['max_ppl_increase_pct']}%")
-            if row[f"kl/{c}"] > policy["max_kl"]:
-                reasons.append(f"kl/{c} {row[f'kl/{c}']:.4f} > {policy['max_kl']}")
-        points.append({"run_id": row["run_id"], "label": point_label(row), "passed": not reasons,
-                       "reasons": reasons, objective: float(row[objective]),
-                       "mean_kl": float(sum(row[f"kl/{c}"] for c in corpora) / len(corpora))})
-    passing = sorted((p for p in points if p["passed"]), key=lambda p: (p[objective], p["mean_kl"]))
-    chosen = passing[0] if passing else None
-    return {"policy": dict(policy), "baseline": base["run_id"], "chosen": chosen and chosen["run_id"],
-            "chosen_label": chosen and chosen["label"], "verdict": _verdict(chosen, points, objective),
-            "points": points}
-
-
-def point_label(row: pd.Series) -> str:
-    if row["method"] == "fp16" or pd.isna(row["bits"]):
+def point_label(row: Mapping[str, Any]) -> str:
+    bits = row.get("bits")
+    if row["method"] == "fp16" or bits is None or pd.isna(bits):
         return str(row["method"])
     group = "per-channel" if row["group_size"] == -1 else f"g{row['group_size']}"
-    return f"{row['method']} {row['bits']}-bit {group}{' sym' if row.get('sym') else ''}"
+    return f"{row['method']} {bits}-bit {group}{' sym' if row.get('sym') else ''}"
 
 
-def _verdict(chosen: dict | None, points: list[dict], objective: str) -> str:
+def _identity(record: dict[str, Any]) -> dict[str, Any]:
+    quant = record.get("quant", {})
+    return {"method": quant.get("method"), "bits": quant.get("bits"), "group_size": quant.get("group_size"),
+            "sym": quant.get("sym")}
+
+
+def baseline_record(records: list[dict[str, Any]], baseline: str = "fp16") -> dict[str, Any]:
+    ok = [r for r in records if r["status"] == "ok"]
+    found = [r for r in ok if r["run_id"] == baseline] or [r for r in ok if _identity(r)["method"] == baseline]
+    if not found:
+        raise UserError(f"the sweep has no baseline point ({baseline!r}): add one with quant=fp16 to the same sweep "
+                        "(same model and eval settings), e.g. python -m harness run quant=fp16 out_dir=<this folder>")
+    if len(found) > 1:
+        raise UserError(f"the sweep has {len(found)} baseline points; name one with baseline=<run id>: "
+                        + ", ".join(r["run_id"] for r in found))
+    return found[0]
+
+
+def measured(record: dict[str, Any]) -> dict[str, list[str]]:
+    """Corpora, tasks and per-item task metrics that a record holds samples of."""
+    keys = record.get("per_sample", {})
+    tasks = {k.split("/")[1] for k in keys if k.startswith("task/")}
+    return {"corpora": sorted(k.removeprefix("nll/") for k in keys if k.startswith("nll/")), "tasks": sorted(tasks),
+            "task_metrics": sorted({k.split("/")[2] for k in keys if k.startswith("task/")})}
+
+
+def _names(policy: dict[str, Any], key: str, known: list[str], what: str) -> list[str]:
+    chosen = known if policy.get(key) is None else list(policy[key])
+    unknown = [n for n in chosen if n not in known]
+    if unknown:
+        raise UserError(f"select.{key} names {what} the sweep did not measure ({', '.join(unknown)}); "
+                        f"it measured: {', '.join(known) or 'none'}")
+    return chosen
+
+
+def _threshold(policy: dict[str, Any], key: str, name: str) -> float | None:
+    value = policy.get(key)
+    return value.get(name) if isinstance(value, Mapping) else value
+
+
+def check_policy(policy: dict[str, Any], base: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The corpora and tasks the policy judges; every name it uses must be one the sweep measured."""
+    if policy["objective"] not in OBJECTIVES:
+        raise UserError(f"select.objective={policy['objective']!r} is not known: use one of {', '.join(OBJECTIVES)}")
+    if policy["objective"] not in base.get("metrics", {}):
+        raise UserError(f"select.objective={policy['objective']} was not measured by this sweep: use one of "
+                        + ", ".join(o for o in OBJECTIVES if o in base.get("metrics", {})))
+    if not 0.5 <= float(policy["confidence"]) < 1:
+        raise UserError(f"select.confidence={policy['confidence']} must be in [0.5, 1), e.g. 0.95")
+    have = measured(base)
+    if not have["corpora"] and not have["tasks"]:
+        raise UserError("the baseline record holds no per-window or per-item samples (per_sample): it predates "
+                        "them; rerun the sweep into a new out_dir")
+    corpora = _names(policy, "corpora", have["corpora"], "corpora")
+    tasks = _names(policy, "tasks", have["tasks"], "tasks")
+    if tasks and policy["task_metric"] not in have["task_metrics"]:
+        raise UserError(f"select.task_metric={policy['task_metric']!r} was not measured; the sweep measured: "
+                        f"{', '.join(have['task_metrics'])}")
+    for key, names, what in (("max_ppl_increase_pct", have["corpora"], "corpora"),
+                             ("max_kl", have["corpora"], "corpora"), ("max_task_drop", have["tasks"], "tasks")):
+        if isinstance(policy.get(key), Mapping):
+            _names({key: list(policy[key])}, key, names, what)
+    return corpora, tasks
+
+
+def _task_samples(record: dict[str, Any], task: str, metric: str) -> list[float] | None:
+    """Per-item correctness under `metric`, or acc where the task has no such metric (e.g. no acc_norm)."""
+    samples = record.get("per_sample", {})
+    return samples.get(f"task/{task}/{metric}", samples.get(f"task/{task}/acc"))
+
+
+class _Judge:
+    """Checks of one sweep's points against its baseline, with the same bootstrap draws for every point."""
+
+    def __init__(self, base: dict[str, Any], policy: dict[str, Any], corpora: list[str], tasks: list[str]):
+        self.base, self.policy, self.corpora, self.tasks = base, policy, corpora, tasks
+        self.confidence = float(policy["confidence"])
+        self._draws: dict[str, Any] = {}
+
+    def index(self, key: str, units: int):
+        if key not in self._draws:
+            self._draws[key] = stats.draws(key, units, int(self.policy["bootstrap_samples"]), int(self.policy["seed"]))
+        return self._draws[key]
+
+    def checks(self, record: dict[str, Any]) -> list[dict[str, Any]]:
+        base, point, out = self.base["per_sample"], record.get("per_sample", {}), []
+        for c in self.corpora:
+            nll = point.get(f"nll/{c}")
+            if nll is None or len(nll) != len(base[f"nll/{c}"]):
+                out.append(_unpaired(f"ppl/{c}"))
+                continue
+            index = self.index(f"nll/{c}", len(nll))
+            out.append(self._check(f"ppl/{c}", "max_ppl_increase_pct", c,
+                                   stats.ppl_increase_pct(base[f"nll/{c}"], nll, index, self.confidence), "%"))
+            kl = point.get(f"kl/{c}", [0.0] * len(nll))  # the baseline's KL to itself is zero
+            out.append(self._check(f"kl/{c}", "max_kl", c, stats.mean_value(kl, index, self.confidence), ""))
+        drops, replicates = [], []
+        for t in self.tasks:
+            b, p = _task_samples(self.base, t, self.policy["task_metric"]), _task_samples(record, t,
+                                                                                          self.policy["task_metric"])
+            if p is None or len(p) != len(b):
+                out.append(_unpaired(f"task/{t}"))
+                continue
+            bound, reps = stats.accuracy_drop(b, p, self.index(f"task/{t}", len(b)), self.confidence)
+            drops.append(bound)
+            replicates.append(reps)
+            out.append(self._check(f"task/{t}", "max_task_drop", t, bound, ""))
+        if drops and len(drops) == len(self.tasks):
+            out.append(self._check("task/mean", "max_mean_task_drop", "mean",
+                                   stats.mean_of(drops, replicates, self.confidence), ""))
+        return out
+
+    def _check(self, name: str, key: str, item: str, bound: stats.Bound, unit: str) -> dict[str, Any]:
+        threshold = self.policy.get(key) if key == "max_mean_task_drop" else _threshold(self.policy, key, item)
+        passed = threshold is None or bound.upper <= threshold
+        reason = None if passed else (f"{name} bound {bound.upper:+.4g}{unit} > {threshold}{unit} "
+                                      f"(estimate {bound.estimate:+.4g}{unit})")
+        # Better than the baseline only if even the bound says so; a lucky estimate is not "better".
+        return {"name": name, **bound.as_dict(), "threshold": threshold, "passed": passed, "reason": reason,
+                "better": bound.upper < 0 and not name.startswith("kl/")}
+
+    def quality_units(self, record: dict[str, Any]) -> list[float]:
+        """Per-unit losses used to tell tied points apart: NLL per window, else errors per task item."""
+        samples = record.get("per_sample", {})
+        if self.corpora:
+            return [v for c in self.corpora for v in samples.get(f"nll/{c}", [])]
+        return [1 - v for t in self.tasks for v in (_task_samples(record, t, self.policy["task_metric"]) or [])]
+
+
+def _unpaired(name: str) -> dict[str, Any]:
+    return {"name": name, "estimate": math.nan, "upper": math.nan, "lower": math.nan, "units": 0, "threshold": None,
+            "passed": False, "reason": f"{name} not measured on the baseline's windows or items", "better": False}
+
+
+def select(records: list[dict[str, Any]], policy: dict[str, Any]) -> dict[str, Any]:
+    """Judge every point against the baseline; choose the passing quantized point with the best objective."""
+    base = baseline_record(records, str(policy.get("baseline", "fp16")))
+    corpora, tasks = check_policy(policy, base)
+    judge = _Judge(base, policy, corpora, tasks)
+    objective = policy["objective"]
+    points = []
+    for record in records:
+        point = {"run_id": record["run_id"], "label": point_label(_identity(record)), **_identity(record),
+                 "is_baseline": record is base, "status": record["status"]}
+        metrics = record.get("metrics", {})
+        point.update({k: metrics.get(k) for k in ("weight_bytes", "bits_per_weight", "decode_tok_s")})
+        if record["status"] != "ok":
+            point.update(checks=[], passed=False, reasons=[f"the run failed: {record.get('error', {}).get('message')}"])
+        else:
+            point["checks"] = judge.checks(record)
+            point["reasons"] = [c["reason"] for c in point["checks"] if not c["passed"]]
+            point["passed"] = not point["reasons"]
+        points.append(point)
+    candidates = [p for p in points if p["passed"] and not p["is_baseline"]]
+    chosen, why = _choose(candidates, objective, judge, {r["run_id"]: r for r in records})
+    closest = None if chosen else _closest([p for p in points if not p["is_baseline"] and p["status"] == "ok"])
+    return {"policy": dict(policy), "baseline": base["run_id"], "corpora": corpora, "tasks": tasks,
+            "chosen": chosen and chosen["run_id"], "chosen_label": chosen and chosen["label"],
+            "closest": closest and closest["run_id"], "tie_break": why,
+            "verdict": _verdict(chosen, closest, why, objective, float(policy["confidence"])), "points": points}
+
+
+def _choose(candidates: list[dict], objective: str, judge: _Judge, records: dict[str, dict]) -> tuple[dict | None, str]:
+    if not candidates:
+        return None, ""
+    sign = 1 if OBJECTIVES[objective] == "smallest" else -1
+    best = min(sign * p[objective] for p in candidates)
+    tied = [p for p in candidates if sign * p[objective] <= best + TIE_TOLERANCE * abs(best)]
+    if len(tied) == 1:
+        return tied[0], ""
+    units = {p["run_id"]: judge.quality_units(records[p["run_id"]]) for p in tied}
+    index = judge.index("tie-break", len(next(iter(units.values()))))
+
+    def beaten(p: dict) -> bool:  # another tied point is better beyond noise
+        return any(stats.difference_upper(units[q["run_id"]], units[p["run_id"]], index, judge.confidence) < 0
+                   for q in tied if q is not p)
+
+    survivors = [p for p in tied if not beaten(p)]
+
+    def loss(p: dict) -> float:
+        return sum(units[p["run_id"]]) / len(units[p["run_id"]])
+
+    chosen = max(survivors, key=lambda p: (_speed(p), -loss(p)))
+    dropped = [p["label"] for p in tied if p not in survivors]
+    why = f"tied on {objective} with {', '.join(p['label'] for p in tied if p is not chosen)}"
+    if dropped:
+        why += f"; worse beyond noise: {', '.join(dropped)}"
+    if len(survivors) > 1:
+        why += f"; the rest indistinguishable in quality at {judge.confidence:.0%}, chosen on decode speed"
+    return chosen, why
+
+
+def _speed(point: dict) -> float:
+    speed = point.get("decode_tok_s")
+    return -math.inf if speed is None or math.isnan(speed) else speed
+
+
+def _closest(failed: list[dict]) -> dict | None:
+    """The failing point nearest the bar: the smallest worst excess of a bound over its threshold."""
+    def excess(p: dict) -> float:
+        worst = [(c["upper"] - c["threshold"]) / max(abs(c["threshold"]), 1e-9)
+                 for c in p["checks"] if not c["passed"] and c["threshold"] is not None]
+        return max(worst, default=math.inf)
+
+    return min(failed, key=excess, default=None)
+
+
+def _verdict(chosen: dict | None, closest: dict | None, why: str, objective: str, confidence: float) -> str:
     if chosen is None:
-        return "No quantized point passes the bar: keep the baseline, or relax the policy."
-    if chosen["label"] == "fp16":
-        return "Only the baseline passes the bar: no quantized point stays within it."
-    return f"{chosen['label']} is the most aggressive point that passes the bar (smallest {objective})."
+        text = (f"No quantized point passes the bar at {confidence:.0%} confidence: keep the baseline, "
+                "or relax the policy.")
+        if closest is not None:
+            text += f" Closest: {closest['label']} ({'; '.join(closest['reasons'])})."
+        return text
+    text = (f"{chosen['label']} is the most aggressive point that passes the bar at {confidence:.0%} confidence "
+            f"({OBJECTIVES[objective]} {objective}).")
+    return text + (f" It was {why}." if why else "")
+
+
+def frame_of_checks(selection: dict[str, Any]) -> pd.DataFrame:
+    """One row per point and check: estimate, bounds, threshold, pass."""
+    rows = [{"run_id": p["run_id"], "label": p["label"], **c} for p in selection["points"] for c in p["checks"]]
+    return pd.DataFrame(rows)

@@ -14,6 +14,16 @@ SHAPES = {
                          rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
 }
 
+# Llama-family sizes for the report's "what it means" table (public configs; weights never built).
+FAMILY_SIZES = {
+    "7B": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False),
+    "13B": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                num_attention_heads=40, num_key_value_heads=40, tie_word_embeddings=False),
+    "70B": dict(vocab_size=32000, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False),
+}
+
 
 def build(shape: str, device: torch.device | str, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
           **overrides) -> nn.Module:
