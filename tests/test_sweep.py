@@ -34,12 +34,16 @@ def test_sweep_writes_consistent_records_tables_report_and_plots(sweep):
     w3 = quantized[quantized["bits"] == 3]["kl/pydoc"].min()
     assert w3 > quantized[quantized["bits"] == 8]["kl/pydoc"].max()
     report = (out / "report.md").read_text()
-    assert "**Verdict:**" in report and report.count("| rtn ") == 4
-    for png in ("ppl_vs_bits", "kl_vs_weight_bytes", "decode_vs_ppl"):
+    assert report.index("**Verdict:**") < report.index("## What it means") < report.index("## Results")
+    assert report.split("## Results")[1].count("| rtn ") == 4 and "| 70B |" in report and "drop qb_arithmetic" in report
+    for png in ("pareto_quality_vs_bits", "quality_vs_decode", "task_deltas"):
         assert (out / "plots" / f"{png}.png").stat().st_size > 1000
         assert f"plots/{png}.png" in report
+    page = (out / "report.html").read_text()  # self-contained: every plot embedded, no file links
+    assert page.count("data:image/png;base64,") == 3 and "plots/" not in page and "<strong>Verdict:</strong>" in page
     selection = json.loads((out / "selection.json").read_text())
     assert selection["baseline"] in set(frame["run_id"]) and len(selection["points"]) == 5
+    assert selection["tasks"] == ["qb_arithmetic"] and selection["corpora"] == ["pydoc"]
 
 
 def test_sweep_resumes_without_redoing_points(sweep):
@@ -59,4 +63,9 @@ def test_report_and_select_rebuild_from_records(sweep):
     assert (out / "report.md").exists()
     strict = run_cli("select", str(out), "max_kl=0", "max_ppl_increase_pct=0")
     assert strict.returncode == 0, strict.stderr
-    assert "fail: kl/pydoc" in strict.stdout and "Only the baseline passes" in strict.stdout
+    assert "- kl/pydoc bound" in strict.stdout and "No quantized point passes the bar" in strict.stdout
+    assert "Closest: " in strict.stdout and "FAIL" in strict.stdout
+    chosen = json.loads((out / "selection.json").read_text())
+    assert chosen["chosen"] is None and chosen["closest"] in {p["run_id"] for p in chosen["points"]}
+    unknown = run_cli("select", str(out), "tasks=[hellaswag]")
+    assert unknown.returncode == 2 and "it measured: qb_arithmetic" in unknown.stderr

@@ -1,0 +1,129 @@
+"""The verdict on synthetic records with known answers, and the bootstrap's coverage on simulated data."""
+
+import numpy as np
+import pytest
+
+from harness import stats
+from harness.errors import UserError
+from harness.select import select
+
+POLICY = {"baseline": "fp16", "max_ppl_increase_pct": 5.0, "max_kl": 0.1, "max_task_drop": 0.05,
+          "max_mean_task_drop": 0.03, "task_metric": "acc_norm", "corpora": None, "tasks": None,
+          "confidence": 0.95, "bootstrap_samples": 1000, "seed": 0, "objective": "weight_bytes"}
+WINDOWS, ITEMS = 32, 400
+rng = np.random.default_rng(1)
+BASE_NLL = rng.normal(2.3, 0.2, WINDOWS)
+BASE_ITEMS = (rng.random(ITEMS) < 0.7).astype(float)
+
+
+def record(run_id, method="rtn", bits=4, nbytes=100, nll_shift=0.0, nll_noise=0.002, kl=0.01, flip=0.0, seed=0,
+           speed=100.0):
+    """A point whose windows' NLL is the baseline's + shift (+ noise), and which gets `flip` of the baseline's
+    correct items wrong."""
+    r = np.random.default_rng(seed)
+    noise = r.normal(0, nll_noise, WINDOWS)
+    nll = BASE_NLL + nll_shift + noise - noise.mean()  # the estimate is exactly the shift
+    items = BASE_ITEMS.copy()
+    items[np.flatnonzero(items)[: int(flip * ITEMS)]] = 0.0
+    return {"run_id": run_id, "status": "ok", "quant": {"method": method, "bits": bits, "group_size": 128, "sym": False},
+            "metrics": {"weight_bytes": nbytes, "bits_per_weight": 16.0 if bits is None else bits + 0.2, "decode_tok_s": speed},
+            "per_sample": {"nll/pydoc": nll.tolist(), "kl/pydoc": [kl] * WINDOWS,
+                           "task/qa/acc": items.tolist(), "task/qa/acc_norm": items.tolist()}}
+
+
+def baseline():
+    base = record("base", method="fp16", bits=None, nbytes=1000, nll_noise=0.0, kl=0.0)
+    del base["per_sample"]["kl/pydoc"]
+    return base
+
+
+def point(selection, run_id):
+    return next(p for p in selection["points"] if p["run_id"] == run_id)
+
+
+def test_clear_winner_is_the_smallest_passing_point():
+    records = [baseline(), record("w8", bits=8, nbytes=500, nll_shift=0.001),
+               record("w4", bits=4, nbytes=250, nll_shift=0.02, flip=0.01),
+               record("w3", bits=3, nbytes=190, nll_shift=0.3, kl=0.5, flip=0.2)]
+    s = select(records, POLICY)
+    assert s["chosen"] == "w4" and "rtn 4-bit g128" in s["verdict"]
+    assert point(s, "w8")["passed"] and not point(s, "w3")["passed"]
+    reasons = " ".join(point(s, "w3")["reasons"])
+    assert "ppl/pydoc" in reasons and "kl/pydoc" in reasons and "task/qa" in reasons and "task/mean" in reasons
+
+
+def test_a_point_within_the_bar_on_the_mean_but_not_on_the_bound_fails():
+    # +4% perplexity on average (bar 5%), but windows so noisy that the 95% bound is well above 5%
+    noisy = record("noisy", nll_shift=np.log(1.04), nll_noise=0.1, nbytes=250)
+    steady = record("steady", bits=8, nll_shift=np.log(1.04), nll_noise=0.002, nbytes=500)
+    s = select([baseline(), noisy, steady], POLICY)
+    check = next(c for c in point(s, "noisy")["checks"] if c["name"] == "ppl/pydoc")
+    assert check["estimate"] < 5.0 < check["upper"] and not check["passed"]
+    assert s["chosen"] == "steady"
+
+
+def test_ties_on_bytes_go_to_the_better_point_beyond_noise_else_to_speed():
+    better = record("gptq", method="gptq", nll_shift=0.01, seed=1, speed=90.0)
+    worse = record("rtn", method="rtn", nll_shift=0.04, seed=2, speed=120.0)
+    s = select([baseline(), better, worse], POLICY)
+    assert s["chosen"] == "gptq" and "worse beyond noise: rtn" in s["tie_break"]
+    # indistinguishable in quality (same shift, noise larger than any difference): the faster one
+    a = record("a", method="gptq", nll_shift=0.02, nll_noise=0.05, seed=3, speed=90.0)
+    b = record("b", method="awq", nll_shift=0.02, nll_noise=0.05, seed=4, speed=120.0)
+    s = select([baseline(), a, b], POLICY)
+    assert s["chosen"] == "b" and "chosen on decode speed" in s["tie_break"]
+
+
+def test_nothing_passes_names_the_closest_point():
+    records = [baseline(), record("w4", nll_shift=0.07, kl=0.15), record("w3", bits=3, nbytes=190, nll_shift=0.5,
+                                                                           kl=0.9)]
+    s = select(records, POLICY)
+    assert s["chosen"] is None and s["closest"] == "w4"
+    assert s["verdict"].startswith("No quantized point passes") and "Closest: rtn 4-bit g128" in s["verdict"]
+
+
+def test_better_than_baseline_only_beyond_noise():
+    lucky = record("lucky", nll_shift=-0.003, nll_noise=0.05, seed=5)  # lower estimate, within noise
+    real = record("real", bits=8, nbytes=500, nll_shift=-0.02, nll_noise=0.002)
+    s = select([baseline(), lucky, real], POLICY)
+    ppl = {p["run_id"]: next(c for c in p["checks"] if c["name"] == "ppl/pydoc") for p in s["points"]}
+    assert ppl["lucky"]["estimate"] < 0 and not ppl["lucky"]["better"]
+    assert ppl["real"]["better"]
+
+
+def test_policy_thresholds_per_name_and_objectives():
+    records = [baseline(), record("w8", bits=8, nbytes=500, speed=150.0),
+               record("w4", nbytes=250, flip=0.01, speed=120.0)]
+    assert select(records, POLICY)["chosen"] == "w4"
+    assert select(records, {**POLICY, "max_task_drop": {"qa": 0.01}})["chosen"] == "w8"
+    assert select(records, {**POLICY, "objective": "decode_tok_s"})["chosen"] == "w8"
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"max_task_drop": {"hellaswag": 0.01}}, "it measured: qa"),
+    ({"corpora": ["wikitext2"]}, "it measured: pydoc"),
+    ({"task_metric": "f1"}, "acc, acc_norm"),
+    ({"objective": "latency"}, "weight_bytes"),
+    ({"baseline": "bf16"}, "quant=fp16"),
+])
+def test_a_policy_naming_what_the_sweep_did_not_measure_says_what_it_did(override, message):
+    with pytest.raises(UserError, match=message):
+        select([baseline(), record("w4")], {**POLICY, **override})
+
+
+def test_bootstrap_bound_covers_the_truth_at_the_stated_rate():
+    """Simulated paired data with a known mean difference: the 90% upper bound lies above the truth in
+    about 90% of repetitions (percentile bootstrap; n = 200 units)."""
+    sims, n, confidence = 400, 200, 0.90
+    gen = np.random.default_rng(7)
+    index = stats.draws("coverage", n, 1000, 0)
+    covered_acc, covered_ppl = 0, 0
+    for _ in range(sims):
+        base = (gen.random(n) < 0.7).astype(float)
+        point = np.where(gen.random(n) < 0.1, 1 - base, base)  # flips 10% of items: true drop 0.1 × (0.7 − 0.3)
+        covered_acc += stats.accuracy_drop(base, point, index, confidence)[0].upper >= 0.1 * (0.7 - 0.3)
+        nll_base = gen.normal(2.0, 0.3, n)
+        covered_ppl += stats.ppl_increase_pct(nll_base, nll_base + gen.normal(0.05, 0.1, n), index,
+                                              confidence).upper >= 100 * np.expm1(0.05)
+    for covered in (covered_acc, covered_ppl):
+        assert 0.85 <= covered / sims <= 0.95, covered / sims
