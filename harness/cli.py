@@ -9,9 +9,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from . import CONFIG_DIR
 from .errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 COMMANDS = ("sweep", "run", "report", "select", "bench")
 USAGE = """usage: python -m harness COMMAND [args]
 
@@ -72,43 +72,25 @@ def _hydra(argv: list[str], multirun: bool) -> None:
     hydra.main(config_path=str(CONFIG_DIR), config_name="sweep", version_base=None)(_task)()
 
 
-def _policy(out_dir: Path, overrides: list[str]) -> dict[str, Any]:
-    """The default policy, then what the sweep itself used, then `key=value` overrides."""
-    from .results import load_records
-
-    policy = OmegaConf.load(CONFIG_DIR / "select" / "default.yaml")
-    records = load_records(out_dir)
-    if not records:
-        raise UserError(f"{out_dir} holds no run records (runs/*.json): run a sweep with out_dir={out_dir} first")
-    used = records[0].get("config", {}).get("select")
-    OmegaConf.set_struct(policy, True)
-    try:
-        if used:
-            policy = OmegaConf.merge(policy, used)
-        policy = OmegaConf.merge(policy, OmegaConf.from_dotlist([o.removeprefix("select.") for o in overrides]))
-    except Exception as e:  # omegaconf raises several types for unknown keys and bad values
-        raise UserError(f"bad policy override ({e}); keys are: {', '.join(policy)}") from None
-    return OmegaConf.to_container(policy)
-
-
 def _report(argv: list[str]) -> None:
     from .report import build
+    from .select import load_policy
 
     if len(argv) != 1:
         raise UserError("report takes one argument: the sweep folder, e.g. python -m harness report results/default")
     out_dir = Path(argv[0])
-    built = build(out_dir, _policy(out_dir, []))
+    built = build(out_dir, load_policy(out_dir))
     print(f"report: {out_dir / 'report.md'} ({len(built['frame'])} points)")
 
 
 def _select(argv: list[str]) -> None:
     from .results import load_records, write_json_atomic
-    from .select import select
+    from .select import load_policy, select
 
     if not argv:
         raise UserError("select takes the sweep folder first: python -m harness select results/default max_kl=0.05")
     out_dir = Path(argv[0])
-    selection = select(load_records(out_dir), _policy(out_dir, argv[1:]))
+    selection = select(load_records(out_dir), load_policy(out_dir, argv[1:]))
     write_json_atomic(out_dir / "selection.json", selection)
     print(selection_text(selection))
 
@@ -124,7 +106,7 @@ def selection_text(selection: dict[str, Any]) -> str:
         lines.append(f"{mark:<8} {p['label']:<26} {checks}")
         lines += [f"{'':<9}- {reason}" for reason in p["reasons"]] if not p["is_baseline"] else []
     confidence = selection["policy"]["confidence"]
-    lines.append(f"(estimate [upper bound at {confidence:.0%}]; ppl in %, task drops in accuracy points / 100)")
+    lines.append(f"(estimate [upper bound at {confidence:.0%}]; perplexity in %, task drops as fractions: 0.05 = 5 points)")
     lines.append(f"verdict: {selection['verdict']}")
     return "\n".join(lines)
 

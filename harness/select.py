@@ -8,17 +8,40 @@ are told apart by quality only where the difference is beyond noise, then by dec
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from omegaconf import OmegaConf
 
-from . import stats
+from . import CONFIG_DIR, stats
 from .errors import UserError
+from .results import load_records
 
 OBJECTIVES = {"weight_bytes": "smallest", "bits_per_weight": "smallest", "decode_tok_s": "largest"}
 TIE_TOLERANCE = 0.005  # objectives within 0.5% of each other are a tie (same format, other method)
 THRESHOLD_KEYS = ("max_ppl_increase_pct", "max_kl", "max_task_drop")
+
+
+def load_policy(out_dir: Path | str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """configs/select/default.yaml, then the policy the sweep in `out_dir` ran with, then `key=value` overrides
+    (`max_kl=0.05`, `'max_task_drop={qb_arithmetic: 0.1}'`)."""
+    policy = OmegaConf.load(CONFIG_DIR / "select" / "default.yaml")
+    used = None
+    if out_dir is not None:
+        records = load_records(Path(out_dir))
+        if not records:
+            raise UserError(f"{out_dir} holds no run records (runs/*.json): run a sweep with out_dir={out_dir} first")
+        used = records[0].get("config", {}).get("select")
+    OmegaConf.set_struct(policy, True)
+    try:
+        if used:
+            policy = OmegaConf.merge(policy, used)
+        policy = OmegaConf.merge(policy, OmegaConf.from_dotlist([o.removeprefix("select.") for o in overrides]))
+    except Exception as e:  # omegaconf raises several types for unknown keys and bad values
+        raise UserError(f"bad policy override ({e}); keys are: {', '.join(policy)}") from None
+    return OmegaConf.to_container(policy)
 
 
 def point_label(row: Mapping[str, Any]) -> str:
@@ -84,7 +107,8 @@ def check_policy(policy: dict[str, Any], base: dict[str, Any]) -> tuple[list[str
                         "them; rerun the sweep into a new out_dir")
     corpora = _names(policy, "corpora", have["corpora"], "corpora")
     tasks = _names(policy, "tasks", have["tasks"], "tasks")
-    if tasks and policy["task_metric"] not in have["task_metrics"]:
+    falls_back = policy["task_metric"] == "acc_norm" and "acc" in have["task_metrics"]  # acc where no acc_norm
+    if tasks and policy["task_metric"] not in have["task_metrics"] and not falls_back:
         raise UserError(f"select.task_metric={policy['task_metric']!r} was not measured; the sweep measured: "
                         f"{', '.join(have['task_metrics'])}")
     for key, names, what in (("max_ppl_increase_pct", have["corpora"], "corpora"),

@@ -31,3 +31,15 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python -m harness ARGS` in the repository root, as a user would type it."""
     return subprocess.run([sys.executable, "-m", "harness", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
+
+
+SWEEP_GRID = ["model=tiny-llama", "eval=quick", "quant=fp16,rtn", "quant.bits=8,3", "quant.group_size=-1,64"]
+
+
+@pytest.fixture(scope="session")
+def sweep(tmp_path_factory):
+    """(out_dir, process) of a tiny sweep through the CLI: shared by the sweep, report and notebook tests."""
+    out = tmp_path_factory.mktemp("sweep")
+    proc = run_cli("sweep", *SWEEP_GRID, f"out_dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc

@@ -25,8 +25,10 @@ def record(run_id, method="rtn", bits=4, nbytes=100, nll_shift=0.0, nll_noise=0.
     nll = BASE_NLL + nll_shift + noise - noise.mean()  # the estimate is exactly the shift
     items = BASE_ITEMS.copy()
     items[np.flatnonzero(items)[: int(flip * ITEMS)]] = 0.0
-    return {"run_id": run_id, "status": "ok", "quant": {"method": method, "bits": bits, "group_size": 128, "sym": False},
-            "metrics": {"weight_bytes": nbytes, "bits_per_weight": 16.0 if bits is None else bits + 0.2, "decode_tok_s": speed},
+    bits_per_weight = 16.0 if bits is None else bits + 0.2
+    return {"run_id": run_id, "status": "ok",
+            "quant": {"method": method, "bits": bits, "group_size": 128, "sym": False},
+            "metrics": {"weight_bytes": nbytes, "bits_per_weight": bits_per_weight, "decode_tok_s": speed},
             "per_sample": {"nll/pydoc": nll.tolist(), "kl/pydoc": [kl] * WINDOWS,
                            "task/qa/acc": items.tolist(), "task/qa/acc_norm": items.tolist()}}
 

@@ -2,17 +2,8 @@ import json
 
 import pandas as pd
 import pytest
+from conftest import SWEEP_GRID as GRID
 from conftest import run_cli
-
-GRID = ["model=tiny-llama", "eval=quick", "quant=fp16,rtn", "quant.bits=8,3", "quant.group_size=-1,64"]
-
-
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sweep")
-    proc = run_cli("sweep", *GRID, f"out_dir={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc
 
 
 def test_sweep_writes_consistent_records_tables_report_and_plots(sweep):
