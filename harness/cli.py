@@ -106,7 +106,8 @@ def selection_text(selection: dict[str, Any]) -> str:
         lines.append(f"{mark:<8} {p['label']:<26} {checks}")
         lines += [f"{'':<9}- {reason}" for reason in p["reasons"]] if not p["is_baseline"] else []
     confidence = selection["policy"]["confidence"]
-    lines.append(f"(estimate [upper bound at {confidence:.0%}]; perplexity in %, task drops as fractions: 0.05 = 5 points)")
+    lines.append(f"(estimate [upper bound at {confidence:.0%}]; perplexity in %; task drops as fractions, "
+                 "0.05 = 5 points)")
     lines.append(f"verdict: {selection['verdict']}")
     return "\n".join(lines)
 
