@@ -98,7 +98,8 @@ def _select(argv: list[str]) -> None:
 def selection_text(selection: dict[str, Any]) -> str:
     """Every point, pass or fail, each check as estimate [bound at the confidence], and the verdict."""
     lines = []
-    for p in selection["points"]:
+    order = sorted(selection["points"], key=lambda p: (not p["is_baseline"], -(p["bits_per_weight"] or 0), p["label"]))
+    for p in order:
         mark = "baseline" if p["is_baseline"] else ("pass" if p["passed"] else "FAIL")
         if p["run_id"] == selection["chosen"]:
             mark = "CHOSEN"
