@@ -23,7 +23,8 @@ def build(out_dir: Path, policy: dict[str, Any]) -> dict[str, Any]:
         raise UserError(f"{out_dir} holds no run records (runs/*.json): run a sweep with out_dir={out_dir} first")
     frame = results.records_to_frame(records)
     results.write_tables(out_dir, frame)
-    has_baseline = any(r["status"] == "ok" and r.get("quant", {}).get("method") == policy.get("baseline", "fp16")
+    baseline = policy.get("baseline", "fp16")
+    has_baseline = any(r["status"] == "ok" and baseline in (r["run_id"], r.get("quant", {}).get("method"))
                        for r in records)
     selection = select(records, policy) if has_baseline else None
     if selection is not None:

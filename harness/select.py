@@ -139,9 +139,12 @@ class _Judge:
 
     def checks(self, record: dict[str, Any]) -> list[dict[str, Any]]:
         base, point, out = self.base["per_sample"], record.get("per_sample", {}), []
+        model, base_model = record.get("model", {}).get("name"), self.base.get("model", {}).get("name")
+        if model != base_model:  # another model's windows are other tokens: nothing is paired
+            return [{**_unpaired("model"), "reason": f"model {model} is not the baseline's ({base_model})"}]
         for c in self.corpora:
             nll = point.get(f"nll/{c}")
-            if nll is None or len(nll) != len(base[f"nll/{c}"]):
+            if nll is None or len(nll) != len(base[f"nll/{c}"]) or _corpus(record, c) != _corpus(self.base, c):
                 out.append(_unpaired(f"ppl/{c}"))
                 continue
             index = self.index(f"nll/{c}", len(nll))
@@ -180,6 +183,12 @@ class _Judge:
         if self.corpora:
             return [v for c in self.corpora for v in samples.get(f"nll/{c}", [])]
         return [1 - v for t in self.tasks for v in (_task_samples(record, t, self.policy["task_metric"]) or [])]
+
+
+def _corpus(record: dict[str, Any], corpus: str) -> tuple:
+    """What makes two records' windows the same: the text's hash, the window length and count."""
+    d = record.get("data", {}).get("eval", {}).get(corpus, {})
+    return d.get("sha256"), d.get("seqlen"), d.get("windows")
 
 
 def _unpaired(name: str) -> dict[str, Any]:

@@ -93,6 +93,16 @@ def test_better_than_baseline_only_beyond_noise():
     assert ppl["real"]["better"]
 
 
+def test_points_of_another_model_or_text_are_not_paired_with_the_baseline():
+    other_model, other_text = record("m", nbytes=250), record("t", nbytes=250)
+    other_model["model"] = {"name": "another-model"}
+    other_text["data"] = {"eval": {"pydoc": {"sha256": "different", "seqlen": 2048, "windows": WINDOWS}}}
+    s = select([baseline(), other_model, other_text, record("w8", bits=8, nbytes=500)], POLICY)
+    assert s["chosen"] == "w8"
+    assert "not the baseline's" in point(s, "m")["reasons"][0]
+    assert "ppl/pydoc not measured on the baseline's windows" in point(s, "t")["reasons"][0]
+
+
 def test_policy_thresholds_per_name_and_objectives():
     records = [baseline(), record("w8", bits=8, nbytes=500, speed=150.0),
                record("w4", nbytes=250, flip=0.01, speed=120.0)]
