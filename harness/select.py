@@ -221,7 +221,8 @@ def select(records: list[dict[str, Any]], policy: dict[str, Any]) -> dict[str, A
     return {"policy": dict(policy), "baseline": base["run_id"], "corpora": corpora, "tasks": tasks,
             "chosen": chosen and chosen["run_id"], "chosen_label": chosen and chosen["label"],
             "closest": closest and closest["run_id"], "tie_break": why,
-            "verdict": _verdict(chosen, closest, why, objective, float(policy["confidence"])), "points": points}
+            "verdict": _verdict(chosen, closest, why, objective, float(policy["confidence"]), len(points)),
+            "points": points}
 
 
 def _choose(candidates: list[dict], objective: str, judge: _Judge, records: dict[str, dict]) -> tuple[dict | None, str]:
@@ -269,7 +270,11 @@ def _closest(failed: list[dict]) -> dict | None:
     return min(failed, key=excess, default=None)
 
 
-def _verdict(chosen: dict | None, closest: dict | None, why: str, objective: str, confidence: float) -> str:
+def _verdict(chosen: dict | None, closest: dict | None, why: str, objective: str, confidence: float,
+             n_points: int) -> str:
+    if n_points == 1:
+        return ("The sweep has only its baseline: add quantized points to the same out_dir "
+                "(e.g. quant=rtn quant.bits=8,4).")
     if chosen is None:
         text = (f"No quantized point passes the bar at {confidence:.0%} confidence: keep the baseline, "
                 "or relax the policy.")

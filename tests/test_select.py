@@ -84,6 +84,11 @@ def test_nothing_passes_names_the_closest_point():
     assert s["verdict"].startswith("No quantized point passes") and "Closest: rtn 4-bit g128" in s["verdict"]
 
 
+def test_a_sweep_with_only_its_baseline_says_to_add_points():
+    s = select([baseline()], POLICY)
+    assert s["chosen"] is None and "only its baseline" in s["verdict"]
+
+
 def test_better_than_baseline_only_beyond_noise():
     lucky = record("lucky", nll_shift=-0.003, nll_noise=0.05, seed=5)  # lower estimate, within noise
     real = record("real", bits=8, nbytes=500, nll_shift=-0.02, nll_noise=0.002)
