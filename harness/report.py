@@ -11,7 +11,7 @@ from typing import Any
 
 from . import capacity, plots, results
 from .errors import UserError
-from .select import select
+from .select import OBJECTIVES, select
 
 Block = tuple  # ("h1" | "h2" | "p" | "ul", text or items) | ("table", header, rows) | ("img", path, alt)
 
@@ -48,7 +48,8 @@ def report_blocks(records: list[dict], selection: dict | None, pngs: list[Path],
         failing = [p for p in selection["points"] if not p["passed"] and not p["is_baseline"]]
         if failing:
             blocks += [("h2", "Why points fail"), ("ul", [f"{p['label']}: {'; '.join(p['reasons'])}" for p in failing])]
-    blocks += [("h2", "Plots")] + [("img", p, p.stem) for p in pngs] if pngs else []
+    if pngs:
+        blocks += [("h2", "Plots")] + [("img", p, p.stem) for p in pngs]
     first = next((r for r in records if r["status"] == "ok"), None)
     if first is not None:
         blocks += [("h2", "Setup"), ("ul", setup_lines(first))]
@@ -73,13 +74,7 @@ def policy_text(selection: dict[str, Any]) -> str:
     judged = ", ".join(selection["corpora"] + selection["tasks"])
     return (f"{'; '.join(parts) or 'no thresholds'} (on {judged}), each as the {p['confidence']:.0%} bound of a paired "
             f"bootstrap ({p['bootstrap_samples']} resamples of the baseline's windows and items); "
-            f"{_objective_text(p['objective'])} wins")
-
-
-def _objective_text(objective: str) -> str:
-    from .select import OBJECTIVES
-
-    return f"{OBJECTIVES[objective]} {objective}"
+            f"{OBJECTIVES[p['objective']]} {p['objective']} wins")
 
 
 def _capacity_intro() -> str:
@@ -106,8 +101,8 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def results_table(selection: dict[str, Any]) -> Block:
     """Every point: size, each check as estimate [bound], speed against the baseline, pass or fail."""
-    checks = [c["name"] for c in next(p for p in selection["points"] if p["is_baseline"])["checks"]]
     base = next(p for p in selection["points"] if p["is_baseline"])
+    checks = [c["name"] for c in base["checks"]]
     header = ["point", "bits/weight", "weight MB"] + [_check_header(c) for c in checks] + ["decode tok/s", "bar"]
     rows = []
     order = sorted(selection["points"], key=lambda p: (not p["is_baseline"], -(p["bits_per_weight"] or 0), p["label"]))
