@@ -154,7 +154,7 @@ def _evaluate(point: Point) -> dict[str, Any]:
         reference = {n: q.reference for n, q in reference.items()}
     if not point.spec.is_baseline:
         _check_backend(point, model)
-    task_folder = _prepare_tasks(ev, cfg)
+    task_folder, task_manager = _prepare_tasks(ev, cfg)
     calib, calib_info = _calibration(point, tokenizer)
 
     start = time.perf_counter()
@@ -174,7 +174,7 @@ def _evaluate(point: Point) -> dict[str, Any]:
                 _save_reference(reference_path, {name: quality}, {name: texts[name]}, merge=True)
     metrics["peak_mem_bytes"] = peak.peak_bytes
     if task_folder is not None:
-        task_metrics, task_items = _task_metrics(model, tokenizer, ev, cfg, task_folder)
+        task_metrics, task_items = _task_metrics(model, tokenizer, ev, cfg, task_folder, task_manager)
         metrics.update(task_metrics)
         per_sample.update(task_items)
     metrics.update(_size_metrics(model, baseline_linears))
@@ -189,28 +189,30 @@ def _evaluate(point: Point) -> dict[str, Any]:
     }
 
 
-def _prepare_tasks(ev: dict[str, Any], cfg: dict[str, Any]) -> Path | None:
-    """The offline tasks' folder (generated for the seed), after checking every task name: before any work."""
+def _prepare_tasks(ev: dict[str, Any], cfg: dict[str, Any]) -> tuple[Path | None, Any]:
+    """The offline tasks' folder (generated for the seed) and its TaskManager, after checking every task
+    name: before any work."""
     if not _task_names(ev):
-        return None
+        return None, None
     folder = Path(cfg["out_dir"]) / "tasks" / f"seed{cfg['seed']}"
     offline_tasks.write_tasks(folder, seed=cfg["seed"])
     for name, path in (ev.get("local_tasks") or {}).items():
         offline_tasks.write_local_task(folder, name, Path(path).expanduser())
-    tasks.check_task_names(_task_names(ev), tasks.task_manager(folder))
-    return folder
+    manager = tasks.task_manager(folder)
+    tasks.check_task_names(_task_names(ev), manager)
+    return folder, manager
 
 
 def _task_names(ev: dict[str, Any]) -> list[str]:
     return [*(ev.get("tasks") or []), *(ev.get("local_tasks") or {})]
 
 
-def _task_metrics(model: nn.Module, tokenizer, ev: dict[str, Any], cfg: dict[str, Any], folder: Path
-                  ) -> tuple[dict[str, float], dict[str, list[float]]]:
+def _task_metrics(model: nn.Module, tokenizer, ev: dict[str, Any], cfg: dict[str, Any], folder: Path,
+                  manager) -> tuple[dict[str, float], dict[str, list[float]]]:
     """lm-eval task metrics (`task/<name>/<metric>`) and each item's correctness, for paired comparisons."""
     start = time.perf_counter()
     found = tasks.evaluate_tasks(model, tokenizer, _task_names(ev), folder, ev.get("task_limit"),
-                                 ev.get("num_fewshot"), ev.get("task_batch_size", 16), cfg["seed"])
+                                 ev.get("num_fewshot"), ev.get("task_batch_size", 16), cfg["seed"], manager)
     metrics = {f"task/{name}/{m}": v for name, r in found.items() for m, v in r["metrics"].items()}
     metrics["task_eval_s"] = time.perf_counter() - start
     items = {f"task/{name}/{m}": v for name, r in found.items() for m, v in r["items"].items()}

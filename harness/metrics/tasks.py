@@ -33,12 +33,13 @@ def check_task_names(names: list[str], manager) -> None:
 
 def evaluate_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], include_path: Path | None = None,
                    limit: int | None = None, num_fewshot: int | None = None, batch_size: int = 8,
-                   seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Per task: its metrics (and their stderr) and each item's correctness, in lm-eval's item order."""
+                   seed: int = 0, manager=None) -> dict[str, dict[str, Any]]:
+    """Per task: its metrics (and their stderr) and each item's correctness, in lm-eval's item order.
+    `manager`: a TaskManager already built for `include_path` (building one indexes every lm-eval task: seconds)."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    manager = task_manager(include_path)
+    manager = manager or task_manager(include_path)
     check_task_names(tasks, manager)
     logging.getLogger("lm-eval").setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
