@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from quantizers import QuantLinear
 from quantizers.arch import set_module, target_linears
 from quantizers.kernels import BACKENDS, use_backend
+from quantizers.linear import fuse_rows
 
 from . import shapes
 from .errors import UserError
@@ -74,6 +75,21 @@ def _block_forward(layers: dict[str, nn.Module], inputs: dict[str, Tensor]):
     return run
 
 
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # linears that read one input
+
+
+def _fused_block(layers: dict[str, nn.Module], inputs: dict[str, Tensor]):
+    """The block as the decoder runs it: q/k/v and gate/up as one layer each (`fuse_rows`)."""
+    fused = dict(layers)
+    for names in FUSED:
+        if all(name in fused for name in names) and (one := fuse_rows([fused.pop(name) for name in names])):
+            fused["+".join(names)] = one
+        else:
+            fused.update({name: layers[name] for name in names})
+    fused_inputs = {name: inputs[name.split("+")[0]] for name in fused}
+    return _block_forward(fused, fused_inputs)
+
+
 def _relative_error(got: list[Tensor], expected: list[Tensor]) -> float:
     return max(((g.float() - e.float()).norm() / e.float().norm()).item() for g, e in zip(got, expected, strict=True))
 
@@ -89,6 +105,7 @@ def bench_layers(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) 
         dense = {name: nn.Linear(k, n, bias=False).to(device, dtype) for name, (n, k) in linear_shapes.items()}
         baseline_us = {phase: speed.timed_us(_block_forward(dense, inputs[phase]), device, cfg["repeats"])
                        for phase in tokens}
+        baseline_us["decode_fused"] = speed.timed_us(_fused_block(dense, inputs["decode"]), device, cfg["repeats"])
         dense_bytes = sum(_stored_bytes(m) for m in dense.values())
         rows.append(_row(shape, "bf16", "F.linear", dense_bytes, dense_bytes, baseline_us, baseline_us, 0.0, cfg,
                          device))
@@ -111,6 +128,7 @@ def bench_layers(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) 
                 with torch.no_grad():
                     error = max(_relative_error(_block_forward(layers, inputs[p])(), reference[p]) for p in tokens)
                 us = {p: speed.timed_us(_block_forward(layers, inputs[p]), device, cfg["repeats"]) for p in tokens}
+                us["decode_fused"] = speed.timed_us(_fused_block(layers, inputs["decode"]), device, cfg["repeats"])
                 rows.append(_row(shape, fmt, backend, stored, theoretical, us, baseline_us, error, cfg, device))
                 log.info("%s %s %s: decode %.1f µs (%.2fx bf16), prefill %.1f µs (%.2fx), error %.2g", shape, fmt,
                          backend, us["decode"], baseline_us["decode"] / us["decode"], us["prefill"],
@@ -133,6 +151,9 @@ def _row(shape: str, fmt: str, backend: str, stored: int, theoretical: int, us: 
         "status": "ok" if error <= cfg["tolerance"] else f"wrong: error {error:.3g} > {cfg['tolerance']}",
         "decode_us_per_block": us["decode"], "prefill_us_per_block": us["prefill"],
         "decode_speedup_vs_bf16": baseline_us["decode"] / us["decode"],
+        # the block as the decoder runs it (q/k/v and gate/up fused), against bf16 fused the same way
+        "decode_fused_us_per_block": us["decode_fused"],
+        "decode_fused_speedup_vs_bf16": baseline_us["decode_fused"] / us["decode_fused"],
         "prefill_speedup_vs_bf16": baseline_us["prefill"] / us["prefill"],
         "decode_weight_gb_s": decode_gb_s, "decode_fraction_of_peak": decode_gb_s / peak,
         "weight_bytes": stored, "theoretical_bytes": theoretical,
@@ -195,7 +216,9 @@ def _write(out: dict[str, pd.DataFrame], out_dir: Path, cfg: dict[str, Any], dev
     lines = [f"# Kernel benchmark on {device_name} (torch {torch.__version__})", "",
              f"Peak memory bandwidth: {cfg['_peak'][0]:.0f} GB/s ({cfg['_peak'][1]}). Times per decoder block "
              f"(seven linears), batch 1 (decode) and {cfg['prefill_tokens']} tokens (prefill); speed-ups against "
-             "bf16 F.linear measured in this run.", "", out["layers"].to_markdown(index=False, floatfmt=".4g")]
+             "bf16 F.linear measured in this run; `decode_fused`: the block as the decoder runs it, q/k/v and "
+             "gate/up each one fused layer, against bf16 fused the same way.", "",
+             out["layers"].to_markdown(index=False, floatfmt=".4g")]
     if "decode" in out:
         lines += ["", f"## End-to-end greedy decode, {cfg['decode_model']}-shaped model (random weights)", "",
                   out["decode"].to_markdown(index=False, floatfmt=".4g")]

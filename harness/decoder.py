@@ -3,10 +3,14 @@
 `model.generate` costs about 90 ms per token on an H100 whatever the model's size: per-step Python
 and cache bookkeeping. This loop preallocates the KV cache, reuses the model's own modules (so its
 QuantLinear kernels run), and on CUDA captures one decode step in a CUDA graph: a step is then one
-graph replay. Llama-family decoders (model.model.layers with self_attn / mlp / two norms).
+graph replay. Linears that read one input (q/k/v; gate/up) run as one fused layer each, bf16 or
+quantized alike (`quantizers.linear.fuse_rows`: their weights become views of the fused storage).
+Llama-family decoders (model.model.layers with self_attn / mlp / two norms).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -14,14 +18,21 @@ from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from quantizers.arch import decoder_layers
+from quantizers.linear import fuse_rows
+
+log = logging.getLogger(__name__)
 
 
 class StaticDecoder:
-    def __init__(self, model: nn.Module, max_len: int, cuda_graph: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, max_len: int, cuda_graph: bool | None = None, fuse: bool = True,
+                 compile: bool | None = None) -> None:
         self.model, self.layers, self.max_len = model, decoder_layers(model), max_len
+        param = next(model.parameters())
+        self.glue = Glue(param.device.type == "cuda" if compile is None else compile)
+        self.qkv = [_fused(fuse, layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers]
+        self.gate_up = [_fused(fuse, layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers]
         cfg = model.config
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        param = next(model.parameters())
         self.device, dtype = param.device, model.model.embed_tokens.weight.dtype
         shape = (1, cfg.num_key_value_heads, max_len, self.head_dim)
         self.keys = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in self.layers]
@@ -35,23 +46,34 @@ class StaticDecoder:
     @torch.no_grad()
     def forward(self, ids: Tensor, pos: Tensor) -> Tensor:
         """Logits of the last of `ids` (1, T) at positions `pos` (T,), writing their keys and values."""
-        inner = self.model.model
+        inner, glue = self.model.model, self.glue
         h = inner.embed_tokens(ids)
         cos, sin = inner.rotary_emb(h, pos[None])
         visible = self.positions[None, :] <= pos[:, None]  # (T, max_len): causal over the cache
-        for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
-            h = h + self._attention(layer.self_attn, layer.input_layernorm(h), cos, sin, pos, visible, keys, values)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.model.lm_head(inner.norm(h[:, -1:]))[:, -1]
+        x = glue.norm(self.layers[0].input_layernorm, h)
+        norms_after = [layer.input_layernorm for layer in self.layers[1:]] + [inner.norm]
+        for layer, qkv, gate_up, keys, values, norm_after in zip(self.layers, self.qkv, self.gate_up, self.keys,
+                                                                 self.values, norms_after, strict=True):
+            attn, mlp = layer.self_attn, layer.mlp
+            q, k, v = (qkv(x).split(_widths(attn, "q_proj", "k_proj", "v_proj"), dim=-1) if qkv else
+                       (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)))
+            h, x = glue.add_norm(h, self._attention(attn, q, k, v, cos, sin, pos, visible, keys, values),
+                                 layer.post_attention_layernorm)
+            if gate_up is None:
+                y = mlp(x)
+            else:
+                gate, up = gate_up(x).split(_widths(mlp, "gate_proj", "up_proj"), dim=-1)
+                y = mlp.down_proj(glue.act_mul(mlp, gate, up))
+            h, x = glue.add_norm(h, y, norm_after)  # the next layer's input norm, or the final one
+        return self.model.lm_head(x[:, -1:])[:, -1]
 
-    def _attention(self, attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, visible: Tensor,
-                   keys: Tensor, values: Tensor) -> Tensor:
-        t = x.shape[1]
-        q, k, v = (proj(x).view(1, t, -1, self.head_dim).transpose(1, 2)
-                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    def _attention(self, attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, pos: Tensor,
+                   visible: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        t = q.shape[1]
+        q, k, v = (y.view(1, t, -1, self.head_dim).transpose(1, 2) for y in (q, k, v))
         if hasattr(attn, "q_norm"):  # Qwen3 normalises queries and keys per head
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = self.glue.rope(q, k, cos, sin)
         keys.index_copy_(2, pos, k)
         values.index_copy_(2, pos, v)
         scale = getattr(attn, "scaling", self.head_dim**-0.5)
@@ -92,6 +114,89 @@ class StaticDecoder:
         self.graph = capture_cuda_graph(self._step, warmup=2)
         self.token.copy_(token)  # the warm-up moved on; its cache writes are rewritten by the next steps
         self.pos.copy_(pos)
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """LlamaRMSNorm's arithmetic as a function (float32 statistics, the weight applied in x's dtype)."""
+    dtype = x.dtype
+    x = x.float()
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+
+
+def _add_rms_norm(h: Tensor, y: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    h = h + y
+    return h, _rms_norm(h, weight, eps)
+
+
+def _silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    return F.silu(gate) * up
+
+
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")  # _rms_norm's arithmetic
+SILU = ("SiLU", "SiLUActivation")
+
+
+class Glue:
+    """The decode step's small operations between the linears (norms, residual adds, rotary embedding,
+    the MLP's activation). Eager, each is 3-8 kernel launches: measured on an H100, an 8B-shaped model's
+    step ran about 800 such kernels, 2.2 ms of GPU time against 5.9 ms for its linears. Compiled
+    (`torch.compile`, on CUDA by default), each becomes one fused kernel: the same arithmetic as the
+    modules (`RMS_NORMS`, `SILU`); other norms and activations stay eager."""
+
+    def __init__(self, compiled: bool) -> None:
+        self.compiled = compiled
+        self.fell_back: list[str] = []  # the functions that failed to compile and run eagerly
+        wrap = (lambda fn: _compiled(fn, self.fell_back)) if compiled else (lambda fn: fn)
+        self._norm, self._add_norm = wrap(_rms_norm), wrap(_add_rms_norm)
+        self._rope, self._silu_mul = wrap(apply_rotary_pos_emb), wrap(_silu_mul)
+
+    def norm(self, module: nn.Module, x: Tensor) -> Tensor:
+        if self.compiled and type(module).__name__ in RMS_NORMS:
+            return self._norm(x, module.weight, module.variance_epsilon)
+        return module(x)
+
+    def add_norm(self, h: Tensor, y: Tensor, module: nn.Module) -> tuple[Tensor, Tensor]:
+        if self.compiled and type(module).__name__ in RMS_NORMS:
+            return self._add_norm(h, y, module.weight, module.variance_epsilon)
+        h = h + y
+        return h, module(h)
+
+    def rope(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        return self._rope(q, k, cos, sin)
+
+    def act_mul(self, mlp: nn.Module, gate: Tensor, up: Tensor) -> Tensor:
+        if self.compiled and type(mlp.act_fn).__name__ in SILU:
+            return self._silu_mul(gate, up)
+        return mlp.act_fn(gate) * up
+
+
+def _compiled(fn, fell_back: list[str]):
+    """fn through torch.compile (static shapes; our own CUDA graph replays the step), or fn itself, with a
+    warning, where compiling fails (no compiler for the device, an unsupported op)."""
+    compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+
+    def call(*args):
+        nonlocal compiled
+        try:
+            return compiled(*args)
+        except Exception as e:  # inductor raises many types; the eager function computes the same
+            log.warning("torch.compile failed for %s (%s): running it eagerly", fn.__name__, str(e)[:200])
+            compiled = fn
+            fell_back.append(fn.__name__)
+            return fn(*args)
+    return call
+
+
+def _fused(fuse: bool, module: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    if not fuse or not all(hasattr(module, name) for name in names):
+        return None
+    if names == ("gate_proj", "up_proj") and not (hasattr(module, "down_proj") and hasattr(module, "act_fn")):
+        return None  # not the gated MLP this loop computes
+    return fuse_rows([getattr(module, name) for name in names])
+
+
+def _widths(module: nn.Module, *names: str) -> list[int]:
+    return [getattr(module, name).out_features for name in names]
 
 
 def capture_cuda_graph(fn, warmup: int) -> torch.cuda.CUDAGraph:

@@ -74,3 +74,47 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, sym={self.sym}, backend={self.backend}"
         )
+
+
+def fuse_rows(layers: list[nn.Module]) -> nn.Module | None:
+    """One layer computing `layers`' outputs side by side (their rows stacked), for linears that read the
+    same input (q/k/v; gate/up): one launch instead of several at batch-1 decode, where the small ones are
+    bound by launch latency, not bytes. The layers' weights become views of the fused storage, so nothing
+    is stored twice. None when they cannot be fused: not all plain nn.Linear or all QuantLinear of one
+    format and backend, or of different widths."""
+    first = layers[0]
+    if isinstance(first, QuantLinear):
+        key = lambda m: (m.in_features, m.bits, m.group_size, m.sym, m.backend)  # noqa: E731
+    elif type(first) is nn.Linear:
+        key = lambda m: (m.in_features, m.weight.dtype, m.weight.device)  # noqa: E731
+    else:
+        return None
+    if any(type(m) is not type(first) or key(m) != key(first) for m in layers):
+        return None
+    with torch.no_grad():
+        bias = next((m.bias for m in layers if m.bias is not None), None)
+        if bias is not None:  # a layer without one adds zeros
+            bias = torch.cat([m.bias if m.bias is not None else bias.new_zeros(m.out_features) for m in layers])
+        out_features = sum(m.out_features for m in layers)
+        if isinstance(first, QuantLinear):
+            fused = QuantLinear(first.in_features, out_features, first.bits, first.group_size, first.sym, bias,
+                                first.backend).to(first.qweight.device)
+            names = ["qweight", "scales"] + ([] if first.sym else ["zeros"])
+        else:
+            fused = nn.Linear(first.in_features, out_features, bias=bias is not None, device=first.weight.device,
+                              dtype=first.weight.dtype).requires_grad_(False)
+            names = ["weight"]
+            if bias is not None:
+                fused.bias.copy_(bias)
+        for name in names:
+            getattr(fused, name).copy_(torch.cat([getattr(m, name) for m in layers]))
+        start = 0
+        for m in layers:  # each layer's storage becomes its rows of the fused one
+            rows = slice(start, start + m.out_features)
+            for name in names:
+                view = getattr(fused, name)[rows]
+                setattr(m, name, nn.Parameter(view, requires_grad=False) if name == "weight" else view)
+            start += m.out_features
+    if isinstance(fused, QuantLinear):
+        BACKENDS[fused.backend].prepare(fused)
+    return fused

@@ -5,7 +5,7 @@ import torch
 
 import quantizers
 from quantizers import QuantLinear, QuantSpec, grid
-from quantizers.kernels import BACKENDS, BackendError, choose, triton_lowbit, use_backend
+from quantizers.kernels import BACKENDS, BackendError, choose, triton_lowbit, triton_pairs, use_backend
 from quantizers.kernels.torch_ref import dequantize_matmul
 
 
@@ -34,6 +34,22 @@ def test_triton_kernels_match_the_reference(bits, group_size, sym, width):
     torch.testing.assert_close(triton_lowbit.dequantize(layer, torch.float32), reference, rtol=0, atol=0)
     x = torch.randn(width, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(triton_lowbit.gemv(x, layer), reference @ x, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("group_size,sym,width", [(64, False, 576), (128, False, 576), (32, True, 96),
+                                                  (-1, False, 1000), (256, True, 1024)])
+def test_4bit_pair_gemv_matches_the_reference(group_size, sym, width):
+    # bf16 activations take the two-weights-per-instruction kernel (triton_pairs); in the interpreter its
+    # PTX is replaced by the same pairs in float32, so this checks which code meets which x (halves, pairs,
+    # groups, ragged tiles); the PTX itself is checked on the GPU by `python -m harness bench`.
+    layer = quant_linear(48, width, 4, group_size, sym)
+    x = torch.randn(width, generator=torch.Generator().manual_seed(1)).bfloat16()
+    assert triton_pairs.serves(x, layer, triton_lowbit._word_storage(layer)[2])
+    exact = layer.dequantize_weight(torch.float32) @ x.float()
+    got = triton_lowbit.gemv(x, layer)
+    assert got.dtype == torch.bfloat16
+    # only the bf16 rounding of the output (the interpreter truncates): within one bf16 ulp of the exact value
+    assert ((got.float() - exact).abs() <= exact.abs() * 2**-7 + 1e-6).all()
 
 
 @pytest.mark.parametrize("group_size,sym", [(32, False), (64, True), (128, False), (256, False)])

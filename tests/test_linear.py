@@ -64,3 +64,37 @@ def test_weight_bytes_shrink_as_the_format_says(tiny):
 def test_unknown_method_is_a_clear_error(tiny):
     with pytest.raises(quantizers.QuantSpecError, match="unknown quantization method 'nope'.*rtn"):
         quantizers.quantize(tiny[0], QuantSpec("nope", 4, 64))
+
+
+def _quant(linear, bits, group_size, sym):
+    params = grid.compute_params(linear.weight, bits, group_size, sym)
+    return QuantLinear.from_codes(linear, grid.quantize(linear.weight, params, bits, group_size), params, group_size,
+                                  sym, bits)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_fused_rows_compute_the_layers_side_by_side_without_a_second_copy(quantized):
+    from quantizers.linear import fuse_rows
+
+    torch.manual_seed(0)
+    linears = [nn.Linear(96, n, bias=bias) for n, bias in ((64, False), (32, True), (32, False))]
+    layers = [_quant(m, 4, 32, False) for m in linears] if quantized else linears
+    x = torch.randn(2, 3, 96)
+    with torch.no_grad():
+        expected = torch.cat([m(x) for m in layers], dim=-1)
+        fused = fuse_rows(layers)
+        torch.testing.assert_close(fused(x), expected)
+        torch.testing.assert_close(torch.cat([m(x) for m in layers], dim=-1), expected)  # members still work
+    storage = fused.qweight if quantized else fused.weight
+    member = layers[1].qweight if quantized else layers[1].weight
+    assert member.untyped_storage().data_ptr() == storage.untyped_storage().data_ptr()  # a view, not a copy
+
+
+def test_layers_of_different_formats_are_not_fused():
+    from quantizers.linear import fuse_rows
+
+    torch.manual_seed(0)
+    a, b = nn.Linear(64, 32), nn.Linear(64, 32)
+    assert fuse_rows([_quant(a, 4, 32, False), _quant(b, 8, 32, False)]) is None
+    assert fuse_rows([_quant(a, 4, 32, False), b]) is None
+    assert fuse_rows([a, nn.Linear(48, 32)]) is None

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import triton_pairs
+
 
 @triton.jit
 def _load_codes(q_ptr, rows, cols, mask, stride_q, packed_cols, BITS: tl.constexpr):
@@ -261,6 +263,8 @@ def gemv(x: Tensor, layer) -> Tensor:
     out = torch.empty(n, device=x.device, dtype=x.dtype)
     if _word_path(layer):
         group = _word_storage(layer)[2]
+        if triton_pairs.serves(x, layer, group):  # 4-bit, bf16: two weights per instruction
+            return triton_pairs.gemv(x, layer, group)
         q, stride, codes, ints = _gemv_layout(layer)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _gemv_words_kernel[grid](x.contiguous(), q, scales, zeros, out, n, stride, n_groups, K=k, BITS=layer.bits,
