@@ -36,13 +36,15 @@ def test_triton_kernels_match_the_reference(bits, group_size, sym, width):
     torch.testing.assert_close(triton_lowbit.gemv(x, layer), reference @ x, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("group_size,sym,width", [(64, False, 576), (128, False, 576), (32, True, 96),
-                                                  (-1, False, 1000), (256, True, 1024)])
-def test_4bit_pair_gemv_matches_the_reference(group_size, sym, width):
+@pytest.mark.parametrize("bits,group_size,sym,width", [
+    (4, 64, False, 576), (4, 128, False, 576), (4, 32, True, 96), (4, -1, False, 1000), (4, 256, True, 1024),
+    (3, 64, False, 576), (3, 128, True, 1024), (3, 32, False, 96), (3, -1, False, 320),
+])
+def test_pair_gemv_matches_the_reference(bits, group_size, sym, width):
     # bf16 activations take the two-weights-per-instruction kernel (triton_pairs); in the interpreter its
     # PTX is replaced by the same pairs in float32, so this checks which code meets which x (halves, pairs,
     # groups, ragged tiles); the PTX itself is checked on the GPU by `python -m harness bench`.
-    layer = quant_linear(48, width, 4, group_size, sym)
+    layer = quant_linear(48, width, bits, group_size, sym)
     x = torch.randn(width, generator=torch.Generator().manual_seed(1)).bfloat16()
     assert triton_pairs.serves(x, layer, triton_lowbit._word_storage(layer)[2])
     exact = layer.dequantize_weight(torch.float32) @ x.float()

@@ -61,6 +61,32 @@ mov.b32 $0, a;
 }""")  # lop3 0xea: (a & b) | c
 
 
+def _ptx_pair(shift_src: str, shift: int, x: str, first: bool) -> str:
+    """Code pair at bits (shift, shift + 16) of shift_src -> 128 + c (bf16x2 magic) -> c − centre -> FMA."""
+    src = shift_src
+    lines = []
+    if shift:
+        lines.append(f"shr.u32 s, {shift_src}, {shift};")
+        src = "s"
+    lines += [f"lop3.b32 t, {src}, 0x00070007, 0x43004300, 0xea;", "fma.rn.bf16x2 t, t, one, centre;",
+              f"fma.rn.bf16x2 acc, t, {x}, {'zero' if first else 'acc'};"]
+    return "\n".join(lines)
+
+
+# $1, $2: two runs A, B of 8 3-bit codes (code i at bits 3i; bits above 24 ignored); $3..$10: x pairs
+# (x_Ai, x_Bi). Codes 0-4 of both: the low half-words of A and B side by side (PRMT), shifted by 3i; codes
+# 5-7: A >> 15 and B >> 15 side by side. Out: Σ (c − 4)·x as float32 bits.
+_DOT_24_PTX = tl.constexpr("\n".join([
+    "{", ".reg .b32 u, v, t, s, one, centre, zero, acc;", ".reg .f32 a, b;",
+    "mov.b32 one, 0x3f803f80;", "mov.b32 centre, 0xc304c304;", "mov.b32 zero, 0;",
+    "prmt.b32 u, $1, $2, 0x5410;",
+    *[_ptx_pair("u", 3 * i, f"${3 + i}", i == 0) for i in range(5)],
+    "shr.u32 s, $1, 15;", "shr.u32 t, $2, 15;", "prmt.b32 v, s, t, 0x5410;",
+    *[_ptx_pair("v", 3 * i, f"${8 + i}", False) for i in range(3)],
+    "shl.b32 t, acc, 16;", "and.b32 s, acc, 0xffff0000;", "mov.b32 a, t;", "mov.b32 b, s;", "add.f32 a, a, b;",
+    "mov.b32 $0, a;", "}"]))
+
+
 @triton.jit
 def _halves(pair):
     """The two bf16 of a packed pair as float32 (a bf16 is the top half of a float32)."""
@@ -85,26 +111,92 @@ def _dot_word(word, p0, p1, p2, p3, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _pair(a, b, HIGH: tl.constexpr):
+    """(x_a, x_b) as one bf16x2 from two int32 views of x (two bf16 each): their low or high halves."""
+    if HIGH:
+        return ((a >> 16) & 0xFFFF) | (b & -65536)
+    return (a & 0xFFFF) | (b << 16)
+
+
+@triton.jit
 def _x_pairs(x32_ptr, words, in_words):
-    """Per word column, the pairs (x_i, x_i+4) for i = 0..3 as bf16x2, from one 16-byte load of x's 8 bf16
+    """Per word column, the pairs (x_i, x_i+4) for i = 0..3, from one 16-byte load of x's 8 bf16
     (x viewed as int32: a0 = (x0, x1), a1 = (x2, x3), a2 = (x4, x5), a3 = (x6, x7))."""
     W: tl.constexpr = words.shape[0]
     xw = tl.load(x32_ptr + words[:, None] * 4 + tl.arange(0, 4)[None, :], mask=in_words[:, None], other=0)
     even, odd = tl.split(tl.reshape(xw, (W, 2, 2)))  # columns (0, 2) and (1, 3)
     a0, a2 = tl.split(even)
     a1, a3 = tl.split(odd)
-    p0 = (a0 & 0xFFFF) | (a2 << 16)
-    p1 = ((a0 >> 16) & 0xFFFF) | (a2 & -65536)
-    p2 = (a1 & 0xFFFF) | (a3 << 16)
-    p3 = ((a1 >> 16) & 0xFFFF) | (a3 & -65536)
-    return p0, p1, p2, p3
+    return _pair(a0, a2, False), _pair(a0, a2, True), _pair(a1, a3, False), _pair(a1, a3, True)
 
 
 @triton.jit
-def _group_params(s_ptr, z_ptr, index, mask, SYM: tl.constexpr):
+def _code_pair_dot(a, b, pair, SHIFT: tl.constexpr, MASK: tl.constexpr, CENTRE: tl.constexpr):
+    lo_x, hi_x = _halves(pair)
+    return ((((a >> SHIFT) & MASK) - CENTRE).to(tl.float32) * lo_x
+            + (((b >> SHIFT) & MASK) - CENTRE).to(tl.float32) * hi_x)
+
+
+@triton.jit
+def _dot_24(a, b, p0, p1, p2, p3, p4, p5, p6, p7, INTERPRET: tl.constexpr):
+    """Σ (c − 4)·x over two runs of 8 3-bit codes, as float32."""
+    if INTERPRET:  # the same pairs, in exact float32 arithmetic
+        return (_code_pair_dot(a, b, p0, 0, 7, 4) + _code_pair_dot(a, b, p1, 3, 7, 4)
+                + _code_pair_dot(a, b, p2, 6, 7, 4) + _code_pair_dot(a, b, p3, 9, 7, 4)
+                + _code_pair_dot(a, b, p4, 12, 7, 4) + _code_pair_dot(a, b, p5, 15, 7, 4)
+                + _code_pair_dot(a, b, p6, 18, 7, 4) + _code_pair_dot(a, b, p7, 21, 7, 4))
+    return tl.inline_asm_elementwise(_DOT_24_PTX, "=r,r,r,r,r,r,r,r,r,r,r", [a, b, p0, p1, p2, p3, p4, p5, p6, p7],
+                                     dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _x32(x32_ptr, chunks, in_chunks, M: tl.constexpr):
+    return tl.load(x32_ptr + chunks * 16 + M, mask=in_chunks, other=0)[None, :]
+
+
+@triton.jit
+def _dot_32_codes(q_ptr, x32_ptr, rows, chunks, mask, in_chunks, stride_q, INTERPRET: tl.constexpr):
+    """Σ (c − 4)·x per chunk of 32 3-bit codes (12 bytes: three int32 d0, d1, d2 of the bit stream).
+    Runs of 8 codes: A = bits 0-23, B = 24-47, C = 48-71, D = 72-95; A is paired with B and C with D,
+    so x pairs are (x_i, x_i+8) and (x_i+16, x_i+24). x viewed as int32: L_m = (x_2m, x_2m+1)."""
+    base = q_ptr + rows[:, None] * stride_q + chunks[None, :] * 3
+    d0 = tl.load(base, mask=mask, other=0)
+    d1 = tl.load(base + 1, mask=mask, other=0)
+    d2 = tl.load(base + 2, mask=mask, other=0)
+    b = ((d0 >> 24) & 0xFF) | (d1 << 8)
+    c = ((d1 >> 16) & 0xFFFF) | (d2 << 16)
+    d = d2 >> 8
+    l0, l1, l2, l3 = _x32(x32_ptr, chunks, in_chunks, 0), _x32(x32_ptr, chunks, in_chunks, 1), \
+        _x32(x32_ptr, chunks, in_chunks, 2), _x32(x32_ptr, chunks, in_chunks, 3)
+    l4, l5, l6, l7 = _x32(x32_ptr, chunks, in_chunks, 4), _x32(x32_ptr, chunks, in_chunks, 5), \
+        _x32(x32_ptr, chunks, in_chunks, 6), _x32(x32_ptr, chunks, in_chunks, 7)
+    ab = _dot_24(d0, b, _pair(l0, l4, False), _pair(l0, l4, True), _pair(l1, l5, False), _pair(l1, l5, True),
+                 _pair(l2, l6, False), _pair(l2, l6, True), _pair(l3, l7, False), _pair(l3, l7, True), INTERPRET)
+    l8, l9, l10, l11 = _x32(x32_ptr, chunks, in_chunks, 8), _x32(x32_ptr, chunks, in_chunks, 9), \
+        _x32(x32_ptr, chunks, in_chunks, 10), _x32(x32_ptr, chunks, in_chunks, 11)
+    l12, l13, l14, l15 = _x32(x32_ptr, chunks, in_chunks, 12), _x32(x32_ptr, chunks, in_chunks, 13), \
+        _x32(x32_ptr, chunks, in_chunks, 14), _x32(x32_ptr, chunks, in_chunks, 15)
+    cd = _dot_24(c, d, _pair(l8, l12, False), _pair(l8, l12, True), _pair(l9, l13, False), _pair(l9, l13, True),
+                 _pair(l10, l14, False), _pair(l10, l14, True), _pair(l11, l15, False), _pair(l11, l15, True),
+                 INTERPRET)
+    return ab + cd
+
+
+@triton.jit
+def _dot_chunks(q_ptr, x32_ptr, rows, chunks, mask, in_chunks, stride_q, BITS: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    if BITS == 4:  # a chunk is one int32 word of 8 codes
+        word = tl.load(q_ptr + rows[:, None] * stride_q + chunks[None, :], mask=mask, other=0)
+        p0, p1, p2, p3 = _x_pairs(x32_ptr, chunks, in_chunks)
+        return _dot_word(word, p0[None, :], p1[None, :], p2[None, :], p3[None, :], INTERPRET)
+    return _dot_32_codes(q_ptr, x32_ptr, rows, chunks, mask, in_chunks, stride_q, INTERPRET)
+
+
+@triton.jit
+def _group_params(s_ptr, z_ptr, index, mask, MID: tl.constexpr, SYM: tl.constexpr):
     scale = tl.load(s_ptr + index, mask=mask, other=0.0).to(tl.float32)
-    if SYM:
-        return scale, tl.full(scale.shape, 8.0, tl.float32)
+    if SYM:  # the symmetric grid's zero point is the centre
+        return scale, tl.full(scale.shape, MID, tl.float32)
     return scale, tl.load(z_ptr + index, mask=mask, other=0).to(tl.float32)
 
 
@@ -115,48 +207,55 @@ def _configs() -> list[triton.Config]:
             for n in (4, 8, 16, 32) for k in (512, 1024, 2048) for w in (4, 8)]
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "GROUP", "SYM"])
+CHUNK = {4: 8, 3: 32}  # codes per chunk: one int32 word at 4 bits, three at 3 bits
+
+
+@triton.autotune(configs=_configs(), key=["N", "K", "BITS", "GROUP", "SYM"])
 @triton.jit
 def _gemv_kernel(x_ptr, x32_ptr, q_ptr, s_ptr, z_ptr, out_ptr, N, stride_q, n_groups, K: tl.constexpr,
-                 GROUP: tl.constexpr, SYM: tl.constexpr, INTERPRET: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
-    W: tl.constexpr = BLOCK_K // 8  # words per tile
+                 BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, INTERPRET: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    CODES: tl.constexpr = 8 if BITS == 4 else 32  # per chunk
+    MID: tl.constexpr = 8.0 if BITS == 4 else 4.0  # the centre the dot products are taken about
+    C: tl.constexpr = BLOCK_K // CODES  # chunks per tile
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_rows = rows < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        words = k0 // 8 + tl.arange(0, W)
-        in_words = words < K // 8
-        word = tl.load(q_ptr + rows[:, None] * stride_q + words[None, :], mask=in_rows[:, None] & in_words[None, :],
-                       other=0)
-        p0, p1, p2, p3 = _x_pairs(x32_ptr, words, in_words)
-        dot = _dot_word(word, p0[None, :], p1[None, :], p2[None, :], p3[None, :], INTERPRET)
+        chunks = k0 // CODES + tl.arange(0, C)
+        in_chunks = chunks < K // CODES
+        dot = _dot_chunks(q_ptr, x32_ptr, rows, chunks, in_rows[:, None] & in_chunks[None, :], in_chunks, stride_q,
+                          BITS, INTERPRET)
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
         if GROUP >= BLOCK_K:  # the tile lies in one group
-            scale, zero = _group_params(s_ptr, z_ptr, rows * n_groups + k0 // GROUP, in_rows, SYM)
-            acc += scale * (tl.sum(dot, axis=1) - (zero - 8.0) * tl.sum(x, axis=0))
+            scale, zero = _group_params(s_ptr, z_ptr, rows * n_groups + k0 // GROUP, in_rows, MID, SYM)
+            acc += scale * (tl.sum(dot, axis=1) - (zero - MID) * tl.sum(x, axis=0))
         else:
             PER_TILE: tl.constexpr = BLOCK_K // GROUP
-            dot_g = tl.sum(tl.reshape(dot, (BLOCK_N, PER_TILE, GROUP // 8)), axis=2)
+            dot_g = tl.sum(tl.reshape(dot, (BLOCK_N, PER_TILE, GROUP // CODES)), axis=2)
             x_g = tl.sum(tl.reshape(x, (PER_TILE, GROUP)), axis=1)
             groups = k0 // GROUP + tl.arange(0, PER_TILE)
             scale, zero = _group_params(s_ptr, z_ptr, rows[:, None] * n_groups + groups[None, :],
-                                        in_rows[:, None] & (groups[None, :] < n_groups), SYM)
-            acc += tl.sum(scale * (dot_g - (zero - 8.0) * x_g[None, :]), axis=1)
+                                        in_rows[:, None] & (groups[None, :] < n_groups), MID, SYM)
+            acc += tl.sum(scale * (dot_g - (zero - MID) * x_g[None, :]), axis=1)
     tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=in_rows)
 
 
 def serves(x: Tensor, layer, group: int) -> bool:
-    """4-bit rows of whole int32 words, groups a power of two of whole words (or one per row, given as a
-    power of two past the width), bf16 activations, and a GPU with bf16x2 FMA (sm_80+)."""
-    if layer.bits != 4 or layer.in_features % 8 or x.dtype != torch.bfloat16 or group < 8 or group & (group - 1):
+    """4-bit rows of whole int32 words or 3-bit rows of whole 32-code chunks, groups a power of two of whole
+    chunks (or one per row, given as a power of two past the width), bf16 activations, and a GPU with
+    bf16x2 FMA (sm_80+)."""
+    codes = CHUNK.get(layer.bits)
+    if codes is None or layer.in_features % codes or x.dtype != torch.bfloat16:
+        return False
+    if group < codes or group & (group - 1):
         return False
     return INTERPRET or (x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 0))
 
 
 def gemv(x: Tensor, layer, group: int) -> Tensor:
-    """x (K,) bf16 -> (N,) bf16 through the packed 4-bit weights."""
+    """x (K,) bf16 -> (N,) bf16 through the packed weights."""
     n, k = layer.out_features, layer.in_features
     x = x.contiguous()
     q = layer.qweight.view(torch.int32)
@@ -164,5 +263,5 @@ def gemv(x: Tensor, layer, group: int) -> Tensor:
     out = torch.empty(n, device=x.device, dtype=x.dtype)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     _gemv_kernel[grid](x, x.view(torch.int32), q, layer.scales, zeros, out, n, q.stride(0), layer.scales.shape[1],
-                       K=k, GROUP=group, SYM=layer.sym, INTERPRET=INTERPRET)
+                       K=k, BITS=layer.bits, GROUP=group, SYM=layer.sym, INTERPRET=INTERPRET)
     return out
