@@ -170,10 +170,15 @@ class Glue:
         return mlp.act_fn(gate) * up
 
 
+_COMPILED: dict[str, object] = {}  # one torch.compile per function for the process: every decoder reuses it
+
+
 def _compiled(fn, fell_back: list[str]):
     """fn through torch.compile (static shapes; our own CUDA graph replays the step), or fn itself, with a
     warning, where compiling fails (no compiler for the device, an unsupported op)."""
-    compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+    if fn.__name__ not in _COMPILED:
+        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False, fullgraph=True)
+    compiled = _COMPILED[fn.__name__]
 
     def call(*args):
         nonlocal compiled

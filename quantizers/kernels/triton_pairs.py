@@ -204,7 +204,7 @@ def _configs() -> list[triton.Config]:
     if INTERPRET:
         return [triton.Config({"BLOCK_N": 4, "BLOCK_K": 256})]
     return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
-            for n in (4, 8, 16, 32) for k in (512, 1024, 2048) for w in (4, 8)]
+            for n in (4, 8, 16, 32) for k in (512, 1024, 2048, 4096) for w in (4, 8)]
 
 
 CHUNK = {4: 8, 3: 32}  # codes per chunk: one int32 word at 4 bits, three at 3 bits
