@@ -3,6 +3,7 @@
 
 - `gemv`: batch-1 decode, y = x Wᵀ with W dequantized in registers: the weights are read once, in
   their packed size, which is what makes low-bit decoding faster than bf16 (it is memory-bound).
+  4- and 3-bit weights with bf16 activations go to `triton_pairs` (two weights per instruction).
 - `dequantize`: the dense weight in the activations' dtype, for a prefill's cuBLAS GEMM (compute-
   bound: the one extra pass over the weights costs little next to the matmul).
 
