@@ -84,7 +84,7 @@ def fuse_rows(layers: list[nn.Module]) -> nn.Module | None:
     format and backend, or of different widths."""
     first = layers[0]
     if isinstance(first, QuantLinear):
-        key = lambda m: (m.in_features, m.bits, m.group_size, m.sym, m.backend)  # noqa: E731
+        key = lambda m: (m.in_features, m.bits, m.group_size, m.sym, m.backend, m.qweight.device)  # noqa: E731
     elif type(first) is nn.Linear:
         key = lambda m: (m.in_features, m.weight.dtype, m.weight.device)  # noqa: E731
     else:

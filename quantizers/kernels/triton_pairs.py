@@ -1,4 +1,4 @@
-"""Batch-1 GEMV for 4-bit codes, two weights per instruction (bf16x2), for bf16 activations on sm_80+.
+"""Batch-1 GEMV for 4- and 3-bit codes, two weights per instruction (bf16x2), bf16 activations, sm_80+.
 
 The plain word GEMV (`triton_lowbit`) spends ~5 instructions per weight (shift, mask, to-float, FMA)
 and was measured bound by that work, not by memory. Here each int32 word of 8 codes is dequantized
@@ -6,7 +6,8 @@ two codes at a time, as bf16 pairs, by a magic number: OR-ing a code c < 128 int
 bf16 128.0 (0x4300) gives exactly 128 + c, so one LOP3 per pair turns (c_i, c_i+4) — code i in the
 low half-word, code i+4 in the high one, as `packing` stores them — into two bf16 numbers; a bf16x2
 FMA subtracts 136 (the codes centred on 8) and another multiplies by (x_i, x_i+4) and accumulates.
-About 2.3 instructions per weight. A word's two lanes (4 products each) are summed in float32; the
+About 2.3 instructions per weight. At 3 bits (`_dot_32_codes`) a chunk of 32 codes is read as four
+runs of 8 and two runs are set side by side so that their code i lands in the two halves. A word's two lanes (4 products each) are summed in float32; the
 rest of the reduction, scales and zero points are float32 as in the word GEMV:
 y = Σ_g s_g (Σ_{w in g} dot_w − (z_g − 8) Σx_g).
 
@@ -30,61 +31,35 @@ from torch import Tensor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# $1: a word of 8 codes; $2..$5: x pairs (x_i, x_i+4) as bf16x2. Out: Σ (c − 8)·x as float32 bits.
-_DOT_WORD_PTX = tl.constexpr("""{
-.reg .b32 t, s, one, centre, zero, acc;
-.reg .f32 a, b;
-mov.b32 one, 0x3f803f80;
-mov.b32 centre, 0xc308c308;
-mov.b32 zero, 0;
-lop3.b32 t, $1, 0x000f000f, 0x43004300, 0xea;
-fma.rn.bf16x2 t, t, one, centre;
-fma.rn.bf16x2 acc, t, $2, zero;
-shr.u32 s, $1, 4;
-lop3.b32 t, s, 0x000f000f, 0x43004300, 0xea;
-fma.rn.bf16x2 t, t, one, centre;
-fma.rn.bf16x2 acc, t, $3, acc;
-shr.u32 s, $1, 8;
-lop3.b32 t, s, 0x000f000f, 0x43004300, 0xea;
-fma.rn.bf16x2 t, t, one, centre;
-fma.rn.bf16x2 acc, t, $4, acc;
-shr.u32 s, $1, 12;
-lop3.b32 t, s, 0x000f000f, 0x43004300, 0xea;
-fma.rn.bf16x2 t, t, one, centre;
-fma.rn.bf16x2 acc, t, $5, acc;
-shl.b32 t, acc, 16;
-and.b32 s, acc, 0xffff0000;
-mov.b32 a, t;
-mov.b32 b, s;
-add.f32 a, a, b;
-mov.b32 $0, a;
-}""")  # lop3 0xea: (a & b) | c
-
-
-def _ptx_pair(shift_src: str, shift: int, x: str, first: bool) -> str:
-    """Code pair at bits (shift, shift + 16) of shift_src -> 128 + c (bf16x2 magic) -> c − centre -> FMA."""
-    src = shift_src
-    lines = []
-    if shift:
-        lines.append(f"shr.u32 s, {shift_src}, {shift};")
-        src = "s"
-    lines += [f"lop3.b32 t, {src}, 0x00070007, 0x43004300, 0xea;", "fma.rn.bf16x2 t, t, one, centre;",
+def _ptx_pair(src: str, shift: int, x: str, first: bool, mask: str) -> str:
+    """The code pair at bits (shift, shift + 16) of src: 128 + c by the bf16x2 magic number (lop3 0xea is
+    (a & b) | c), minus 128 + centre, times the x pair, accumulated."""
+    lines = [f"shr.u32 s, {src}, {shift};"] if shift else []
+    lines += [f"lop3.b32 t, {'s' if shift else src}, {mask}, 0x43004300, 0xea;", "fma.rn.bf16x2 t, t, one, centre;",
               f"fma.rn.bf16x2 acc, t, {x}, {'zero' if first else 'acc'};"]
     return "\n".join(lines)
 
 
+def _ptx(centre: str, *body: str) -> tl.constexpr:
+    """An asm block: registers and constants, the body, and the two lanes of acc summed as float32 into $0."""
+    return tl.constexpr("\n".join([
+        "{", ".reg .b32 u, v, t, s, one, centre, zero, acc;", ".reg .f32 a, b;",
+        "mov.b32 one, 0x3f803f80;", f"mov.b32 centre, {centre};", "mov.b32 zero, 0;", *body,
+        "shl.b32 t, acc, 16;", "and.b32 s, acc, 0xffff0000;", "mov.b32 a, t;", "mov.b32 b, s;", "add.f32 a, a, b;",
+        "mov.b32 $0, a;", "}"]))
+
+
+# $1: a word of 8 4-bit codes; $2..$5: x pairs (x_i, x_i+4) as bf16x2. Out: Σ (c − 8)·x as float32 bits.
+_DOT_WORD_PTX = _ptx("0xc308c308", *[_ptx_pair("$1", 4 * i, f"${2 + i}", i == 0, "0x000f000f") for i in range(4)])
+
 # $1, $2: two runs A, B of 8 3-bit codes (code i at bits 3i; bits above 24 ignored); $3..$10: x pairs
 # (x_Ai, x_Bi). Codes 0-4 of both: the low half-words of A and B side by side (PRMT), shifted by 3i; codes
 # 5-7: A >> 15 and B >> 15 side by side. Out: Σ (c − 4)·x as float32 bits.
-_DOT_24_PTX = tl.constexpr("\n".join([
-    "{", ".reg .b32 u, v, t, s, one, centre, zero, acc;", ".reg .f32 a, b;",
-    "mov.b32 one, 0x3f803f80;", "mov.b32 centre, 0xc304c304;", "mov.b32 zero, 0;",
-    "prmt.b32 u, $1, $2, 0x5410;",
-    *[_ptx_pair("u", 3 * i, f"${3 + i}", i == 0) for i in range(5)],
+_DOT_24_PTX = _ptx(
+    "0xc304c304", "prmt.b32 u, $1, $2, 0x5410;",
+    *[_ptx_pair("u", 3 * i, f"${3 + i}", i == 0, "0x00070007") for i in range(5)],
     "shr.u32 s, $1, 15;", "shr.u32 t, $2, 15;", "prmt.b32 v, s, t, 0x5410;",
-    *[_ptx_pair("v", 3 * i, f"${8 + i}", False) for i in range(3)],
-    "shl.b32 t, acc, 16;", "and.b32 s, acc, 0xffff0000;", "mov.b32 a, t;", "mov.b32 b, s;", "add.f32 a, a, b;",
-    "mov.b32 $0, a;", "}"]))
+    *[_ptx_pair("v", 3 * i, f"${8 + i}", False, "0x00070007") for i in range(3)])
 
 
 @triton.jit
