@@ -7,7 +7,8 @@ bf16 128.0 (0x4300) gives exactly 128 + c, so one LOP3 per pair turns (c_i, c_i+
 low half-word, code i+4 in the high one, as `packing` stores them — into two bf16 numbers; a bf16x2
 FMA subtracts 136 (the codes centred on 8) and another multiplies by (x_i, x_i+4) and accumulates.
 About 2.3 instructions per weight. At 3 bits (`_dot_32_codes`) a chunk of 32 codes is read as four
-runs of 8 and two runs are set side by side so that their code i lands in the two halves. A word's two lanes (4 products each) are summed in float32; the
+runs of 8 and two runs are set side by side so that their code i lands in the two halves. A word's two
+lanes (4 products each) are summed in float32; the
 rest of the reduction, scales and zero points are float32 as in the word GEMV:
 y = Σ_g s_g (Σ_{w in g} dot_w − (z_g − 8) Σx_g).
 
