@@ -1,4 +1,4 @@
-"""Batch-1 GEMV for 8-, 4- and 3-bit codes, two weights per instruction (bf16x2), bf16 activations, sm_80+.
+"""Batch-1 GEMV for 4- and 3-bit codes, two weights per instruction (bf16x2), bf16 activations, sm_80+.
 
 The plain word GEMV (`triton_lowbit`) spends ~5 instructions per weight (shift, mask, to-float, FMA)
 and was measured bound by that work, not by memory. Here each int32 word of 8 codes is dequantized
@@ -49,7 +49,7 @@ def _ptx_pair(src: str, shift: int, x: str, first: bool, mask: str) -> str:
 def _ptx(centre: str, *body: str) -> tl.constexpr:
     """An asm block: registers and constants, the body, and the two lanes of acc summed as float32 into $0."""
     return tl.constexpr("\n".join([
-        "{", ".reg .b32 u, v, t, s, one, sixteen, centre, zero, acc;", ".reg .f32 a, b;",
+        "{", ".reg .b32 u, v, t, s, one, centre, zero, acc;", ".reg .f32 a, b;",
         "mov.b32 one, 0x3f803f80;", f"mov.b32 centre, {centre};", "mov.b32 zero, 0;", *body,
         "shl.b32 t, acc, 16;", "and.b32 s, acc, 0xffff0000;", "mov.b32 a, t;", "mov.b32 b, s;", "add.f32 a, a, b;",
         "mov.b32 $0, a;", "}"]))
@@ -68,25 +68,6 @@ _DOT_24_PTX = _ptx(
     *[_ptx_pair("v", 3 * i, f"${8 + i}", False, "0x00070007") for i in range(3)])
 
 
-
-def _ptx_byte_pair(src: str, shift: int, x: str, first: bool) -> str:
-    """The byte pair at bits (shift, shift + 16) of src as two nibble pairs: 128 + lo and 128 + hi by the
-    magic number, 16·(128 + hi) − 2304 = 16·hi − 256 and + (128 + lo) = c − 128, exact in bf16; then FMA."""
-    return "\n".join([
-        f"shr.u32 s, {src}, {shift};" if shift else f"mov.b32 s, {src};",
-        "lop3.b32 t, s, 0x000f000f, 0x43004300, 0xea;", "shr.u32 s, s, 4;",
-        "lop3.b32 u, s, 0x000f000f, 0x43004300, 0xea;", "fma.rn.bf16x2 u, u, sixteen, centre;",
-        "fma.rn.bf16x2 t, t, one, u;", f"fma.rn.bf16x2 acc, t, {x}, {'zero' if first else 'acc'};"])
-
-
-# $1, $2: two int32 words of 4 8-bit codes each; $3..$6: x pairs (x0, x2), (x1, x3), (x4, x6), (x5, x7).
-# Out: Σ (c − 128)·x as float32 bits. (centre here is −2304, the constant of the high nibbles.)
-_DOT_BYTES_PTX = _ptx(
-    "0xc510c510", "mov.b32 sixteen, 0x41804180;",
-    _ptx_byte_pair("$1", 0, "$3", True), _ptx_byte_pair("$1", 8, "$4", False),
-    _ptx_byte_pair("$2", 0, "$5", False), _ptx_byte_pair("$2", 8, "$6", False))
-
-
 @triton.jit
 def _halves(pair):
     """The two bf16 of a packed pair as float32 (a bf16 is the top half of a float32)."""
@@ -94,12 +75,18 @@ def _halves(pair):
 
 
 @triton.jit
+def _pair_dot(word, pair, SHIFT: tl.constexpr):
+    lo_x, hi_x = _halves(pair)
+    lo_code = ((word >> SHIFT) & 15) - 8
+    hi_code = ((word >> (SHIFT + 16)) & 15) - 8
+    return lo_code.to(tl.float32) * lo_x + hi_code.to(tl.float32) * hi_x
+
+
+@triton.jit
 def _dot_word(word, p0, p1, p2, p3, INTERPRET: tl.constexpr):
     """Σ (c − 8)·x over each word's 8 codes, as float32."""
     if INTERPRET:  # the same pairs, in exact float32 arithmetic
-        high = word >> 16
-        return (_code_pair_dot(word, high, p0, 0, 15, 8) + _code_pair_dot(word, high, p1, 4, 15, 8)
-                + _code_pair_dot(word, high, p2, 8, 15, 8) + _code_pair_dot(word, high, p3, 12, 15, 8))
+        return _pair_dot(word, p0, 0) + _pair_dot(word, p1, 4) + _pair_dot(word, p2, 8) + _pair_dot(word, p3, 12)
     return tl.inline_asm_elementwise(_DOT_WORD_PTX, "=r,r,r,r,r,r", [word, p0, p1, p2, p3], dtype=tl.int32,
                                      is_pure=True, pack=1).to(tl.float32, bitcast=True)
 
@@ -113,30 +100,15 @@ def _pair(a, b, HIGH: tl.constexpr):
 
 
 @triton.jit
-def _x_pairs(x32_ptr, chunks, in_chunks, BITS: tl.constexpr):
-    """Per chunk of 8 codes, its four x pairs from one 16-byte load of x's 8 bf16 (x viewed as int32:
-    a0 = (x0, x1), a1 = (x2, x3), a2 = (x4, x5), a3 = (x6, x7)): at 4 bits (x_i, x_i+4) for i = 0..3,
-    at 8 bits (x0, x2), (x1, x3), (x4, x6), (x5, x7)."""
-    C: tl.constexpr = chunks.shape[0]
-    xw = tl.load(x32_ptr + chunks[:, None] * 4 + tl.arange(0, 4)[None, :], mask=in_chunks[:, None], other=0)
-    even, odd = tl.split(tl.reshape(xw, (C, 2, 2)))  # columns (0, 2) and (1, 3)
+def _x_pairs(x32_ptr, words, in_words):
+    """Per word column, the pairs (x_i, x_i+4) for i = 0..3, from one 16-byte load of x's 8 bf16
+    (x viewed as int32: a0 = (x0, x1), a1 = (x2, x3), a2 = (x4, x5), a3 = (x6, x7))."""
+    W: tl.constexpr = words.shape[0]
+    xw = tl.load(x32_ptr + words[:, None] * 4 + tl.arange(0, 4)[None, :], mask=in_words[:, None], other=0)
+    even, odd = tl.split(tl.reshape(xw, (W, 2, 2)))  # columns (0, 2) and (1, 3)
     a0, a2 = tl.split(even)
     a1, a3 = tl.split(odd)
-    if BITS == 8:
-        return _pair(a0, a1, False)[None, :], _pair(a0, a1, True)[None, :], _pair(a2, a3, False)[None, :], \
-            _pair(a2, a3, True)[None, :]
-    return _pair(a0, a2, False)[None, :], _pair(a0, a2, True)[None, :], _pair(a1, a3, False)[None, :], \
-        _pair(a1, a3, True)[None, :]
-
-
-@triton.jit
-def _dot_bytes(lo, hi, p0, p1, p2, p3, INTERPRET: tl.constexpr):
-    """Σ (c − 128)·x over two int32 words of 8-bit codes, as float32."""
-    if INTERPRET:  # the same pairs, in exact float32 arithmetic
-        return (_code_pair_dot(lo, lo >> 16, p0, 0, 255, 128) + _code_pair_dot(lo, lo >> 16, p1, 8, 255, 128)
-                + _code_pair_dot(hi, hi >> 16, p2, 0, 255, 128) + _code_pair_dot(hi, hi >> 16, p3, 8, 255, 128))
-    return tl.inline_asm_elementwise(_DOT_BYTES_PTX, "=r,r,r,r,r,r,r", [lo, hi, p0, p1, p2, p3], dtype=tl.int32,
-                                     is_pure=True, pack=1).to(tl.float32, bitcast=True)
+    return _pair(a0, a2, False), _pair(a0, a2, True), _pair(a1, a3, False), _pair(a1, a3, True)
 
 
 @triton.jit
@@ -196,12 +168,8 @@ def _dot_chunks(q_ptr, x32_ptr, rows, chunks, mask, in_chunks, stride_q, BITS: t
                 INTERPRET: tl.constexpr):
     if BITS == 4:  # a chunk is one int32 word of 8 codes
         word = tl.load(q_ptr + rows[:, None] * stride_q + chunks[None, :], mask=mask, other=0)
-        p0, p1, p2, p3 = _x_pairs(x32_ptr, chunks, in_chunks, BITS)
-        return _dot_word(word, p0, p1, p2, p3, INTERPRET)
-    if BITS == 8:  # one int64 of 8 codes
-        word = tl.load(q_ptr + rows[:, None] * stride_q + chunks[None, :], mask=mask, other=0)
-        p0, p1, p2, p3 = _x_pairs(x32_ptr, chunks, in_chunks, BITS)
-        return _dot_bytes(word.to(tl.int32), (word >> 32).to(tl.int32), p0, p1, p2, p3, INTERPRET)
+        p0, p1, p2, p3 = _x_pairs(x32_ptr, chunks, in_chunks)
+        return _dot_word(word, p0[None, :], p1[None, :], p2[None, :], p3[None, :], INTERPRET)
     return _dot_32_codes(q_ptr, x32_ptr, rows, chunks, mask, in_chunks, stride_q, INTERPRET)
 
 
@@ -220,7 +188,7 @@ def _configs() -> list[triton.Config]:
             for n in (4, 8, 16, 32) for k in (512, 1024, 2048, 4096) for w in (4, 8)]
 
 
-CHUNK = {8: 8, 4: 8, 3: 32}  # codes per chunk: an int64 at 8 bits, an int32 at 4 bits, three at 3 bits
+CHUNK = {4: 8, 3: 32}  # codes per chunk: one int32 word at 4 bits, three at 3 bits
 
 
 @triton.autotune(configs=_configs(), key=["N", "K", "BITS", "GROUP", "SYM"])
@@ -228,8 +196,8 @@ CHUNK = {8: 8, 4: 8, 3: 32}  # codes per chunk: an int64 at 8 bits, an int32 at 
 def _gemv_kernel(x_ptr, x32_ptr, q_ptr, s_ptr, z_ptr, out_ptr, N, stride_q, n_groups, K: tl.constexpr,
                  BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, INTERPRET: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    CODES: tl.constexpr = 32 if BITS == 3 else 8  # per chunk
-    MID: tl.constexpr = 128.0 if BITS == 8 else (8.0 if BITS == 4 else 4.0)  # the centre of the codes
+    CODES: tl.constexpr = 8 if BITS == 4 else 32  # per chunk
+    MID: tl.constexpr = 8.0 if BITS == 4 else 4.0  # the centre the dot products are taken about
     C: tl.constexpr = BLOCK_K // CODES  # chunks per tile
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     in_rows = rows < N
@@ -256,7 +224,7 @@ def _gemv_kernel(x_ptr, x32_ptr, q_ptr, s_ptr, z_ptr, out_ptr, N, stride_q, n_gr
 
 
 def serves(x: Tensor, layer, group: int) -> bool:
-    """Rows of whole chunks (8 codes at 8 and 4 bits, 32 at 3 bits), groups a power of two of whole
+    """4-bit rows of whole int32 words or 3-bit rows of whole 32-code chunks, groups a power of two of whole
     chunks (or one per row, given as a power of two past the width), bf16 activations, and a GPU with
     bf16x2 FMA (sm_80+)."""
     codes = CHUNK.get(layer.bits)
@@ -271,7 +239,7 @@ def gemv(x: Tensor, layer, group: int) -> Tensor:
     """x (K,) bf16 -> (N,) bf16 through the packed weights."""
     n, k = layer.out_features, layer.in_features
     x = x.contiguous()
-    q = layer.qweight.view(torch.int64 if layer.bits == 8 else torch.int32)
+    q = layer.qweight.view(torch.int32)
     zeros = layer.scales if layer.sym else layer.zeros  # unused when symmetric
     out = torch.empty(n, device=x.device, dtype=x.dtype)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
