@@ -75,18 +75,19 @@ def _halves(pair):
 
 
 @triton.jit
-def _pair_dot(word, pair, SHIFT: tl.constexpr):
+def _code_pair_dot(a, b, pair, SHIFT: tl.constexpr, MASK: tl.constexpr, CENTRE: tl.constexpr):
     lo_x, hi_x = _halves(pair)
-    lo_code = ((word >> SHIFT) & 15) - 8
-    hi_code = ((word >> (SHIFT + 16)) & 15) - 8
-    return lo_code.to(tl.float32) * lo_x + hi_code.to(tl.float32) * hi_x
+    return ((((a >> SHIFT) & MASK) - CENTRE).to(tl.float32) * lo_x
+            + (((b >> SHIFT) & MASK) - CENTRE).to(tl.float32) * hi_x)
 
 
 @triton.jit
 def _dot_word(word, p0, p1, p2, p3, INTERPRET: tl.constexpr):
     """Σ (c − 8)·x over each word's 8 codes, as float32."""
     if INTERPRET:  # the same pairs, in exact float32 arithmetic
-        return _pair_dot(word, p0, 0) + _pair_dot(word, p1, 4) + _pair_dot(word, p2, 8) + _pair_dot(word, p3, 12)
+        high = word >> 16
+        return (_code_pair_dot(word, high, p0, 0, 15, 8) + _code_pair_dot(word, high, p1, 4, 15, 8)
+                + _code_pair_dot(word, high, p2, 8, 15, 8) + _code_pair_dot(word, high, p3, 12, 15, 8))
     return tl.inline_asm_elementwise(_DOT_WORD_PTX, "=r,r,r,r,r,r", [word, p0, p1, p2, p3], dtype=tl.int32,
                                      is_pure=True, pack=1).to(tl.float32, bitcast=True)
 
@@ -109,13 +110,6 @@ def _x_pairs(x32_ptr, words, in_words):
     a0, a2 = tl.split(even)
     a1, a3 = tl.split(odd)
     return _pair(a0, a2, False), _pair(a0, a2, True), _pair(a1, a3, False), _pair(a1, a3, True)
-
-
-@triton.jit
-def _code_pair_dot(a, b, pair, SHIFT: tl.constexpr, MASK: tl.constexpr, CENTRE: tl.constexpr):
-    lo_x, hi_x = _halves(pair)
-    return ((((a >> SHIFT) & MASK) - CENTRE).to(tl.float32) * lo_x
-            + (((b >> SHIFT) & MASK) - CENTRE).to(tl.float32) * hi_x)
 
 
 @triton.jit
