@@ -1,28 +1,28 @@
 """Batch-1 GEMV for 4- and 3-bit codes, two weights per instruction (bf16x2), bf16 activations, sm_80+.
 
 The plain word GEMV (`triton_lowbit`) spends ~5 instructions per weight (shift, mask, to-float, FMA)
-and was measured bound by that work, not by memory. Here each int32 word of 8 codes is dequantized
-two codes at a time, as bf16 pairs, by a magic number: OR-ing a code c < 128 into the mantissa of
-bf16 128.0 (0x4300) gives exactly 128 + c, so one LOP3 per pair turns (c_i, c_i+4) — code i in the
-low half-word, code i+4 in the high one, as `packing` stores them — into two bf16 numbers; a bf16x2
-FMA subtracts 136 (the codes centred on 8) and another multiplies by (x_i, x_i+4) and accumulates.
-About 2.3 instructions per weight. At 3 bits (`_dot_32_codes`) a chunk of 32 codes is read as four
-runs of 8 and two runs are set side by side so that their code i lands in the two halves. A word's two
-lanes (4 products each) are summed in float32; the
-rest of the reduction, scales and zero points are float32 as in the word GEMV:
-y = Σ_g s_g (Σ_{w in g} dot_w − (z_g − 8) Σx_g).
+and was measured bound by that work, not by memory. Here codes are dequantized two at a time, as bf16
+pairs, by a magic number: OR-ing a code c < 128 into the mantissa of bf16 128.0 (0x4300) gives exactly
+128 + c, so one LOP3 turns two codes 16 bits apart in a 32-bit word into two bf16 numbers; a bf16x2 FMA
+centres them (c − 8 at 4 bits, c − 4 at 3) and another multiplies by the matching pair of x and
+accumulates: about 2.3 instructions per weight.
+- 4 bits: an int32 word of 8 codes holds code i and i+4 16 bits apart, as `packing` stores them.
+- 3 bits (`_dot_32_codes`): a chunk of 32 codes (three int32 of the bit stream) is read as four runs of 8;
+  two runs are set side by side (PRMT) so that code i of each lands in the two halves.
+A word's two lanes are summed in float32, and the rest is float32 as in the word GEMV:
+y = Σ_g s_g (Σ_{w in g} dot_w − (z_g − centre) Σx_g).
+
+The products are rounded to bf16 (8-bit significand), as the reference rounds each dequantized weight
+to bf16 before its matmul: measured relative error against exact float32 arithmetic 2.1e-3 at 4 bits,
+2.9e-3 for the reference (H100, Llama-3-8B layer shapes, random codes, an outlier channel in x).
 
 Not for 8 bits: a version that splits each byte into two nibble pairs and recombines them exactly in
 bf16 (16·(128 + hi) − 2304 + (128 + lo) = c − 128) ran no faster than the one-code word GEMV on an H100
 (Llama-3-8B block, fused: 95.0 against 93.7 µs at g128, 91.6 against 96.1 per channel): at 8 bits the
 word GEMV already moves 73% of peak bandwidth, so fewer instructions buy nothing.
 
-The products are rounded to bf16 (8-bit significand), as the reference rounds each dequantized weight
-to bf16 before its matmul: measured relative error against exact float32 arithmetic 2.1e-3 here,
-2.9e-3 for the reference (H100, Llama-3-8B layer shapes, random codes, an outlier channel in x).
-
-Triton's CPU interpreter cannot run inline PTX: there `_dot_word` computes the same pairs exactly in
-float32, so the tests check the data movement (pairs, halves, groups, masks) and the GPU check
+Triton's CPU interpreter cannot run inline PTX: there `_code_pair_dot` multiplies the same pairs exactly
+in float32, so the tests check the data movement (pairs, halves, groups, masks) and the GPU check
 (`python -m harness bench`) the PTX.
 """
 
@@ -36,6 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
 
 def _ptx_pair(src: str, shift: int, x: str, first: bool, mask: str) -> str:
     """The code pair at bits (shift, shift + 16) of src: 128 + c by the bf16x2 magic number (lop3 0xea is
