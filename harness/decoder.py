@@ -5,7 +5,8 @@ and cache bookkeeping. This loop preallocates the KV cache, reuses the model's o
 QuantLinear kernels run), and on CUDA captures one decode step in a CUDA graph: a step is then one
 graph replay. Linears that read one input (q/k/v; gate/up) run as one fused layer each, bf16 or
 quantized alike (`quantizers.linear.fuse_rows`: their weights become views of the fused storage), and
-on CUDA the small operations between the linears are compiled (`Glue`). Llama-family decoders (model.model.layers with self_attn / mlp / two norms).
+on CUDA the small operations between the linears are compiled (`Glue`). Llama-family decoders
+(model.model.layers with self_attn / mlp / two norms).
 """
 
 from __future__ import annotations
