@@ -21,6 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import triton_pairs
+from .triton_pairs import _group_params
 
 
 @triton.jit
@@ -139,16 +140,6 @@ def _codes(lo, hi, BITS: tl.constexpr):
     else:
         codes = (lo[:, :, None] >> (BITS * index)) & ((1 << BITS) - 1)
     return codes
-
-
-@triton.jit
-def _group_params(s_ptr, z_ptr, index, mask, BITS: tl.constexpr, SYM: tl.constexpr):
-    scale = tl.load(s_ptr + index, mask=mask, other=0.0).to(tl.float32)
-    if SYM:
-        zero = tl.full(scale.shape, float(1 << (BITS - 1)), tl.float32)
-    else:
-        zero = tl.load(z_ptr + index, mask=mask, other=0).to(tl.float32)
-    return scale, zero
 
 
 def _gemv_configs() -> list[triton.Config]:

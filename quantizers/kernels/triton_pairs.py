@@ -169,11 +169,15 @@ def _dot_chunks(q_ptr, x32_ptr, rows, chunks, mask, in_chunks, stride_q, BITS: t
 
 
 @triton.jit
-def _group_params(s_ptr, z_ptr, index, mask, MID: tl.constexpr, SYM: tl.constexpr):
+def _group_params(s_ptr, z_ptr, index, mask, BITS: tl.constexpr, SYM: tl.constexpr):
+    """Scales and zero points of the groups at `index` (a symmetric grid's zero is 2^(bits-1)); shared with
+    `triton_lowbit`."""
     scale = tl.load(s_ptr + index, mask=mask, other=0.0).to(tl.float32)
-    if SYM:  # the symmetric grid's zero point is the centre
-        return scale, tl.full(scale.shape, MID, tl.float32)
-    return scale, tl.load(z_ptr + index, mask=mask, other=0).to(tl.float32)
+    if SYM:
+        zero = tl.full(scale.shape, float(1 << (BITS - 1)), tl.float32)
+    else:
+        zero = tl.load(z_ptr + index, mask=mask, other=0).to(tl.float32)
+    return scale, zero
 
 
 def _configs() -> list[triton.Config]:
@@ -205,7 +209,7 @@ def _gemv_kernel(x_ptr, x32_ptr, q_ptr, s_ptr, z_ptr, out_ptr, N, stride_q, n_gr
         cols = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
         if GROUP >= BLOCK_K:  # the tile lies in one group
-            scale, zero = _group_params(s_ptr, z_ptr, rows * n_groups + k0 // GROUP, in_rows, MID, SYM)
+            scale, zero = _group_params(s_ptr, z_ptr, rows * n_groups + k0 // GROUP, in_rows, BITS, SYM)
             acc += scale * (tl.sum(dot, axis=1) - (zero - MID) * tl.sum(x, axis=0))
         else:
             PER_TILE: tl.constexpr = BLOCK_K // GROUP
@@ -213,7 +217,7 @@ def _gemv_kernel(x_ptr, x32_ptr, q_ptr, s_ptr, z_ptr, out_ptr, N, stride_q, n_gr
             x_g = tl.sum(tl.reshape(x, (PER_TILE, GROUP)), axis=1)
             groups = k0 // GROUP + tl.arange(0, PER_TILE)
             scale, zero = _group_params(s_ptr, z_ptr, rows[:, None] * n_groups + groups[None, :],
-                                        in_rows[:, None] & (groups[None, :] < n_groups), MID, SYM)
+                                        in_rows[:, None] & (groups[None, :] < n_groups), BITS, SYM)
             acc += tl.sum(scale * (dot_g - (zero - MID) * x_g[None, :]), axis=1)
     tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=in_rows)
 
