@@ -81,8 +81,9 @@ def _dequantize_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_q, packed_cols
 
 # The word kernels read whole words of codes instead of single codes, and the GEMV applies scales per
 # group, not per weight: y = Σ_g s_g (q_g·x_g − z_g Σx_g). The dequantize kernel's words hold 8 codes
-# (`bits` bytes: one int32 at 4 bits, two at 8, bytes at 2 and 3); the GEMV's, see _gemv_layout.
-WORD_BITS = (2, 3, 4, 8)
+# (`bits` bytes: one int32 at 4 bits, two at 8, bytes at 2); the GEMV's, see _gemv_layout. 3 bits are
+# stored in chunks of 32 codes for the pair GEMV (`triton_pairs`); elsewhere they take the code kernels.
+WORD_BITS = (2, 4, 8)
 
 
 @triton.jit
@@ -205,6 +206,47 @@ def _dequantize_words_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_q, n_gro
              mask=(rows[:, None] < N) & (cols[None, :] < K))
 
 
+@triton.jit
+def _chunk_codes3(w0, w1, w2):
+    """(rows, chunks) of a 3-bit chunk's three words (see `packing`) -> (rows, chunks, 32) codes: codes
+    0-29 are 3-bit fields of one word, codes 30 and 31 one bit of each word (bits 15 and 31)."""
+    r = tl.arange(0, 32)[None, None, :]
+    pair = r // 2
+    w0, w1, w2 = w0[:, :, None], w1[:, :, None], w2[:, :, None]
+    word = tl.where(pair < 5, w0, tl.where(pair < 10, w1, w2))
+    field = (word >> (3 * (pair % 5) + 16 * (r % 2))) & 7
+    top = 15 + 16 * (r % 2)
+    spread = ((w0 >> top) & 1) | (((w1 >> top) & 1) << 1) | (((w2 >> top) & 1) << 2)
+    return tl.where(pair == 15, spread, field)
+
+
+@triton.jit
+def _dequantize_chunks3_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_q, plane, n_groups, GROUP: tl.constexpr,
+                               SYM: tl.constexpr, BLOCK_N: tl.constexpr, C: tl.constexpr):
+    """3 bits: C chunks of 32 codes per program, their three words `plane` int32 apart."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    chunks = tl.program_id(1) * C + tl.arange(0, C)
+    mask = (rows[:, None] < N) & (chunks[None, :] < plane)
+    base = q_ptr + rows[:, None] * stride_q + chunks[None, :]
+    codes = _chunk_codes3(tl.load(base, mask=mask, other=0), tl.load(base + plane, mask=mask, other=0),
+                          tl.load(base + 2 * plane, mask=mask, other=0))
+    cols = chunks[None, :, None] * 32 + tl.arange(0, 32)[None, None, :]  # (1, C, 32)
+    in_out = (rows[:, None, None] < N) & (cols < K)
+    scale, zero = _group_params(s_ptr, z_ptr, rows[:, None, None] * n_groups + cols // GROUP, in_out, 3, SYM)
+    w = (_as_float(codes) - zero) * scale
+    tl.store(out_ptr + rows[:, None, None] * K + cols, w.to(out_ptr.dtype.element_ty), mask=in_out)
+
+
+def _dequantize3(layer, out: Tensor) -> Tensor:
+    zeros, scales, group, n_groups = _format(layer)
+    q = layer.qweight.view(torch.int32)
+    n, plane = q.shape[0], q.shape[1] // 3
+    grid = (triton.cdiv(n, 16), triton.cdiv(plane, 16))
+    _dequantize_chunks3_kernel[grid](q, scales, zeros, out, n, layer.in_features, q.stride(0), plane, n_groups,
+                                     GROUP=group, SYM=layer.sym, BLOCK_N=16, C=16)
+    return out
+
+
 def _word_path(layer) -> bool:
     """Whether the word kernels serve this format: whole words in storage, groups of whole words that
     tile evenly with the kernels' power-of-two blocks (or one group per row)."""
@@ -215,20 +257,23 @@ def _word_path(layer) -> bool:
     return one_group or (group >= 8 and group & (group - 1) == 0)
 
 
-def _word_storage(layer) -> tuple[Tensor, int, int]:
-    """The storage as the word kernels read it, its row stride, and the group size they are given
-    (one group per row becomes a power of two past the width: every tile then lies in group 0)."""
-    q = layer.qweight.view(torch.int32) if layer.bits in (4, 8) else layer.qweight
-    group = layer.group_size
+def _kernel_group(layer) -> int:
+    """The group size the word and pair kernels are given: one group per row becomes a power of two past
+    the width, so that every tile lies in group 0."""
     if layer.scales.shape[1] == 1:
-        group = triton.next_power_of_2(max(layer.in_features, 512))
-    return q, q.stride(0), group
+        return triton.next_power_of_2(max(layer.in_features, 512))
+    return layer.group_size
+
+
+def _word_storage(layer) -> tuple[Tensor, int, int]:
+    """The storage as the word kernels read it, its row stride, and the group size they are given."""
+    q = layer.qweight.view(torch.int32) if layer.bits in (4, 8) else layer.qweight
+    return q, q.stride(0), _kernel_group(layer)
 
 
 def _gemv_layout(layer) -> tuple[Tensor, int, int, int]:
     """The storage as the GEMV reads it: (view, row stride, codes per word, 1 for int32 words or 0 for
-    bytes). Whole int32 where the rows allow: 4 codes at 8 bits, 8 at 4, 16 at 2. At 3 bits, words of
-    three bytes: measured faster on an H100 than 32 codes in three int32 (146 against 234 µs per block)."""
+    bytes). Whole int32 where the rows allow: 4 codes at 8 bits, 8 at 4, 16 at 2."""
     bits, k, group = layer.bits, layer.in_features, _word_storage(layer)[2]
     codes = {8: 4, 4: 8, 2: 16}.get(bits)
     if codes and k % codes == 0 and group >= codes:
@@ -252,11 +297,13 @@ def gemv(x: Tensor, layer) -> Tensor:
     """x (K,) -> (N,) through the packed weights, in x's dtype."""
     zeros, scales, group, n_groups = _format(layer)
     n, k = layer.out_features, layer.in_features
+    if triton_pairs.serves(x, layer, _kernel_group(layer)):  # 4- and 3-bit, bf16: two weights per instruction
+        return triton_pairs.gemv(x, layer, _kernel_group(layer))
+    if layer.bits == 3:  # other activations (or groups the pair kernel does not tile): through the dense weight
+        return dequantize(layer, x.dtype) @ x
     out = torch.empty(n, device=x.device, dtype=x.dtype)
     if _word_path(layer):
-        group = _word_storage(layer)[2]
-        if triton_pairs.serves(x, layer, group):  # 4-bit, bf16: two weights per instruction
-            return triton_pairs.gemv(x, layer, group)
+        group = _kernel_group(layer)
         q, stride, codes, ints = _gemv_layout(layer)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _gemv_words_kernel[grid](x.contiguous(), q, scales, zeros, out, n, stride, n_groups, K=k, BITS=layer.bits,
@@ -274,6 +321,8 @@ def dequantize(layer, dtype: torch.dtype) -> Tensor:
     zeros, scales, group, n_groups = _format(layer)
     n, k = layer.out_features, layer.in_features
     out = torch.empty(n, k, device=layer.qweight.device, dtype=dtype)
+    if layer.bits == 3:
+        return _dequantize3(layer, out)
     if _word_path(layer):
         q, stride, group = _word_storage(layer)
         grid = (triton.cdiv(n, 16), triton.cdiv(-(-k // 8), 64))
