@@ -163,26 +163,39 @@ def _row(shape: str, fmt: str, backend: str, stored: int, theoretical: int, us: 
 
 def bench_decode(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) -> list[dict[str, Any]]:
     """End-to-end greedy decode tok/s of a random model of `decode_model`'s shape: bf16, then each format
-    (its linears replaced by random packed ones, served by the backend `auto` picks)."""
+    (its linears replaced by random packed ones, served by the backend `auto` picks); with
+    `decode_quantize_head`, each format once more with the output head packed in it too."""
     model = shapes.build(cfg["decode_model"], device, cfg["seed"], dtype)
     prompt = torch.randint(0, model.config.vocab_size, (16,), generator=torch.Generator().manual_seed(cfg["seed"]))
-    new = cfg["decode_tokens"]
-    bf16_tok_s = speed.decode_tok_s(model, prompt, new, repeats=3, warmup=1)
-    rows = [{"model": cfg["decode_model"], "format": "bf16", "backends": "F.linear", "decode_tok_s": bf16_tok_s,
-             "speedup_vs_bf16": 1.0, "weight_bytes": _stored_bytes(model)}]
+    bf16_tok_s = speed.decode_tok_s(model, prompt, cfg["decode_tokens"], repeats=3, warmup=1)
+    rows = [{"model": cfg["decode_model"], "format": "bf16", "lm_head": "bf16", "backends": "F.linear",
+             "decode_tok_s": bf16_tok_s, "speedup_vs_bf16": 1.0, "weight_bytes": _stored_bytes(model)}]
     gen = torch.Generator().manual_seed(cfg["seed"])
     linear_shapes = {name: (m.out_features, m.in_features) for name, m in target_linears(model).items()}
+    head_name = next(n for n, m in model.named_modules() if m is model.get_output_embeddings())
+    head = model.get_output_embeddings()
     for fmt in cfg["decode_formats"]:
         bits, group_size = parse_format(fmt)
         for name, (n, k) in linear_shapes.items():  # the previous format's layers are freed as they are replaced
             set_module(model, name, random_quant_linear(n, k, bits, group_size, device, gen))
-        torch.cuda.empty_cache() if device.type == "cuda" else None
-        chosen = use_backend(model, "auto")
-        tok_s = speed.decode_tok_s(model, prompt, new, repeats=3, warmup=1)
-        rows.append({"model": cfg["decode_model"], "format": fmt, "backends": str(chosen), "decode_tok_s": tok_s,
-                     "speedup_vs_bf16": tok_s / bf16_tok_s, "weight_bytes": _stored_bytes(model)})
-        log.info("decode %s %s: %.1f tok/s (%.2fx bf16)", cfg["decode_model"], fmt, tok_s, tok_s / bf16_tok_s)
+        rows.append(_decode_row(cfg, model, prompt, fmt, "bf16", bf16_tok_s, device))
+        if cfg["decode_quantize_head"]:
+            set_module(model, head_name, random_quant_linear(head.out_features, head.in_features, bits, group_size,
+                                                             device, gen))
+            rows.append(_decode_row(cfg, model, prompt, fmt, fmt, bf16_tok_s, device))
+            set_module(model, head_name, head)
     return rows
+
+
+def _decode_row(cfg: dict[str, Any], model: nn.Module, prompt: Tensor, fmt: str, head: str, bf16_tok_s: float,
+                device: torch.device) -> dict[str, Any]:
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    chosen = use_backend(model, "auto")
+    tok_s = speed.decode_tok_s(model, prompt, cfg["decode_tokens"], repeats=3, warmup=1)
+    log.info("decode %s %s (head %s): %.1f tok/s (%.2fx bf16)", cfg["decode_model"], fmt, head, tok_s,
+             tok_s / bf16_tok_s)
+    return {"model": cfg["decode_model"], "format": fmt, "lm_head": head, "backends": str(chosen),
+            "decode_tok_s": tok_s, "speedup_vs_bf16": tok_s / bf16_tok_s, "weight_bytes": _stored_bytes(model)}
 
 
 def run(cfg: dict[str, Any]) -> dict[str, pd.DataFrame]:

@@ -21,15 +21,20 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from quantizers.arch import decoder_layers
 from quantizers.linear import fuse_rows
 
+from . import decode_attention
+
 log = logging.getLogger(__name__)
 
 
 class StaticDecoder:
     def __init__(self, model: nn.Module, max_len: int, cuda_graph: bool | None = None, fuse: bool = True,
-                 compile: bool | None = None) -> None:
+                 compile: bool | None = None, attention_kernel: bool | None = None) -> None:
         self.model, self.layers, self.max_len = model, decoder_layers(model), max_len
         param = next(model.parameters())
-        self.glue = Glue(param.device.type == "cuda" if compile is None else compile)
+        on_gpu = param.device.type == "cuda"
+        self.glue = Glue(on_gpu if compile is None else compile)
+        # one token's attention through `decode_attention` (CUDA by default), else torch's SDPA
+        self.attention_kernel = on_gpu if attention_kernel is None else attention_kernel
         self.qkv = [_fused(fuse, layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers]
         self.gate_up = [_fused(fuse, layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers]
         cfg = model.config
@@ -50,7 +55,9 @@ class StaticDecoder:
         inner, glue = self.model.model, self.glue
         h = inner.embed_tokens(ids)
         cos, sin = inner.rotary_emb(h, pos[None])
-        visible = self.positions[None, :] <= pos[:, None]  # (T, max_len): causal over the cache
+        # (T, max_len) additive mask, causal over the cache: made once per step, not once per layer
+        visible = torch.zeros(1, device=self.device, dtype=h.dtype).masked_fill(
+            self.positions[None, :] > pos[:, None], float("-inf"))
         x = glue.norm(self.layers[0].input_layernorm, h)
         norms_after = [layer.input_layernorm for layer in self.layers[1:]] + [inner.norm]
         for layer, qkv, gate_up, keys, values, norm_after in zip(self.layers, self.qkv, self.gate_up, self.keys,
@@ -74,10 +81,10 @@ class StaticDecoder:
         q, k, v = (y.view(1, t, -1, self.head_dim).transpose(1, 2) for y in (q, k, v))
         if hasattr(attn, "q_norm"):  # Qwen3 normalises queries and keys per head
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = self.glue.rope(q, k, cos, sin)
-        keys.index_copy_(2, pos, k)
-        values.index_copy_(2, pos, v)
+        q = self.glue.rope_and_cache(q, k, v, cos, sin, pos, keys, values)
         scale = getattr(attn, "scaling", self.head_dim**-0.5)
+        if t == 1 and self.attention_kernel and decode_attention.serves(q, keys, values):
+            return attn.o_proj(decode_attention.decode_attention(q, keys, values, visible, scale))
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=scale, enable_gqa=True)
         return attn.o_proj(o.transpose(1, 2).reshape(1, t, -1))
 
@@ -129,6 +136,15 @@ def _add_rms_norm(h: Tensor, y: Tensor, weight: Tensor, eps: float) -> tuple[Ten
     return h, _rms_norm(h, weight, eps)
 
 
+def _rope_and_cache(q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, keys: Tensor,
+                    values: Tensor) -> Tensor:
+    """Rotary embedding of q and k, k and v written into the cache at `pos`; the rotated q."""
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    keys.index_copy_(2, pos, k)
+    values.index_copy_(2, pos, v)
+    return q
+
+
 def _silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
@@ -149,7 +165,7 @@ class Glue:
         self.fell_back: list[str] = []  # the functions that failed to compile and run eagerly
         wrap = (lambda fn: _compiled(fn, self.fell_back)) if compiled else (lambda fn: fn)
         self._norm, self._add_norm = wrap(_rms_norm), wrap(_add_rms_norm)
-        self._rope, self._silu_mul = wrap(apply_rotary_pos_emb), wrap(_silu_mul)
+        self._rope_and_cache, self._silu_mul = wrap(_rope_and_cache), wrap(_silu_mul)
 
     def norm(self, module: nn.Module, x: Tensor) -> Tensor:
         if self.compiled and type(module).__name__ in RMS_NORMS:
@@ -162,8 +178,9 @@ class Glue:
         h = h + y
         return h, module(h)
 
-    def rope(self, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        return self._rope(q, k, cos, sin)
+    def rope_and_cache(self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, pos: Tensor, keys: Tensor,
+                       values: Tensor) -> Tensor:
+        return self._rope_and_cache(q, k, v, cos, sin, pos, keys, values)
 
     def act_mul(self, mlp: nn.Module, gate: Tensor, up: Tensor) -> Tensor:
         if self.compiled and type(mlp.act_fn).__name__ in SILU:
