@@ -21,20 +21,15 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from quantizers.arch import decoder_layers
 from quantizers.linear import fuse_rows
 
-from . import decode_attention
-
 log = logging.getLogger(__name__)
 
 
 class StaticDecoder:
     def __init__(self, model: nn.Module, max_len: int, cuda_graph: bool | None = None, fuse: bool = True,
-                 compile: bool | None = None, attention_kernel: bool | None = None) -> None:
+                 compile: bool | None = None) -> None:
         self.model, self.layers, self.max_len = model, decoder_layers(model), max_len
         param = next(model.parameters())
-        on_gpu = param.device.type == "cuda"
-        self.glue = Glue(on_gpu if compile is None else compile)
-        # one token's attention through `decode_attention` (CUDA by default), else torch's SDPA
-        self.attention_kernel = on_gpu if attention_kernel is None else attention_kernel
+        self.glue = Glue(param.device.type == "cuda" if compile is None else compile)
         self.qkv = [_fused(fuse, layer.self_attn, ("q_proj", "k_proj", "v_proj")) for layer in self.layers]
         self.gate_up = [_fused(fuse, layer.mlp, ("gate_proj", "up_proj")) for layer in self.layers]
         cfg = model.config
@@ -83,8 +78,6 @@ class StaticDecoder:
             q, k = attn.q_norm(q), attn.k_norm(k)
         q = self.glue.rope_and_cache(q, k, v, cos, sin, pos, keys, values)
         scale = getattr(attn, "scaling", self.head_dim**-0.5)
-        if t == 1 and self.attention_kernel and decode_attention.serves(q, keys, values):
-            return attn.o_proj(decode_attention.decode_attention(q, keys, values, visible, scale))
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible, scale=scale, enable_gqa=True)
         return attn.o_proj(o.transpose(1, 2).reshape(1, t, -1))
 
