@@ -21,7 +21,7 @@ def quant_linear(out_features, in_features, bits, group_size, sym, seed=0, bias=
 FORMATS = [  # bits, group size, sym, width: ragged groups and widths that are no multiple of 8 included
     (8, 128, False, 256), (8, -1, True, 200), (4, 64, False, 576), (4, 128, False, 576), (4, 32, True, 96),
     (3, 64, False, 576), (3, 128, True, 300), (3, 32, False, 100), (2, 64, False, 130), (5, 16, False, 70),
-    (4, 48, False, 200), (8, 64, False, 100),  # the generic kernels: a group of 48; 8-bit rows of part words
+    (4, 48, False, 200), (8, 64, False, 100), (3, 48, False, 200),  # groups of 48; 8-bit part words
     (2, 32, False, 160), (3, 32, True, 96),  # whole int32 words at 2 bits; 3-bit chunks of 32 codes
 ]
 

@@ -232,7 +232,11 @@ def _dequantize_chunks3_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_q, pla
                           tl.load(base + 2 * plane, mask=mask, other=0))
     cols = chunks[None, :, None] * 32 + tl.arange(0, 32)[None, None, :]  # (1, C, 32)
     in_out = (rows[:, None, None] < N) & (cols < K)
-    scale, zero = _group_params(s_ptr, z_ptr, rows[:, None, None] * n_groups + cols // GROUP, in_out, 3, SYM)
+    if GROUP % 32 == 0:  # a chunk lies in one group: one scale and zero per chunk, not per code
+        group = (chunks[None, :, None] * 32) // GROUP
+        scale, zero = _group_params(s_ptr, z_ptr, rows[:, None, None] * n_groups + group, mask[:, :, None], 3, SYM)
+    else:
+        scale, zero = _group_params(s_ptr, z_ptr, rows[:, None, None] * n_groups + cols // GROUP, in_out, 3, SYM)
     w = (_as_float(codes) - zero) * scale
     tl.store(out_ptr + rows[:, None, None] * K + cols, w.to(out_ptr.dtype.element_ty), mask=in_out)
 
