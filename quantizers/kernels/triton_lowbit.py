@@ -7,7 +7,8 @@
 - `dequantize`: the dense weight in the activations' dtype, for a prefill's cuBLAS GEMM (compute-
   bound: the one extra pass over the weights costs little next to the matmul).
 
-Storage (see `packing`): along a row, code k sits at bit k·bits of the little-endian byte stream.
+Storage (see `packing`): along a row, code k sits at bit k·bits of the little-endian byte stream,
+except at 3 bits (chunks of 32 codes in three int32 planes, read whole by `_chunk_codes3` and the pair GEMV).
 GPTQ's act-order is stored un-permuted (static groups), so there is no permutation to apply here.
 """
 
