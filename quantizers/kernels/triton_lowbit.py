@@ -279,7 +279,7 @@ def _word_storage(layer) -> tuple[Tensor, int, int]:
 def _gemv_layout(layer) -> tuple[Tensor, int, int, int]:
     """The storage as the GEMV reads it: (view, row stride, codes per word, 1 for int32 words or 0 for
     bytes). Whole int32 where the rows allow: 4 codes at 8 bits, 8 at 4, 16 at 2."""
-    bits, k, group = layer.bits, layer.in_features, _word_storage(layer)[2]
+    bits, k, group = layer.bits, layer.in_features, _kernel_group(layer)
     codes = {8: 4, 4: 8, 2: 16}.get(bits)
     if codes and k % codes == 0 and group >= codes:
         q = layer.qweight.view(torch.int32)
@@ -302,13 +302,14 @@ def gemv(x: Tensor, layer) -> Tensor:
     """x (K,) -> (N,) through the packed weights, in x's dtype."""
     zeros, scales, group, n_groups = _format(layer)
     n, k = layer.out_features, layer.in_features
-    if triton_pairs.serves(x, layer, _kernel_group(layer)):  # 4- and 3-bit, bf16: two weights per instruction
-        return triton_pairs.gemv(x, layer, _kernel_group(layer))
+    kernel_group = _kernel_group(layer)
+    if triton_pairs.serves(x, layer, kernel_group):  # 4- and 3-bit, bf16: two weights per instruction
+        return triton_pairs.gemv(x, layer, kernel_group)
     if layer.bits == 3:  # other activations (or groups the pair kernel does not tile): through the dense weight
         return dequantize(layer, x.dtype) @ x
     out = torch.empty(n, device=x.device, dtype=x.dtype)
     if _word_path(layer):
-        group = _kernel_group(layer)
+        group = kernel_group
         q, stride, codes, ints = _gemv_layout(layer)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
         _gemv_words_kernel[grid](x.contiguous(), q, scales, zeros, out, n, stride, n_groups, K=k, BITS=layer.bits,
