@@ -1,11 +1,13 @@
 """Every backend against the reference (dequantize + matmul), and the choice between them."""
 
+import struct
+
 import pytest
 import torch
 
 import quantizers
 from quantizers import QuantLinear, QuantSpec, grid
-from quantizers.kernels import BACKENDS, BackendError, choose, triton_lowbit, triton_pairs, use_backend
+from quantizers.kernels import BACKENDS, BackendError, choose, cuda_gemv, triton_lowbit, triton_pairs, use_backend
 from quantizers.kernels.torch_ref import dequantize_matmul
 
 
@@ -87,6 +89,39 @@ def test_a_named_backend_that_cannot_serve_says_which_can():
         use_backend(model, "tinygemm")
     with pytest.raises(BackendError, match="not known"):
         use_backend(model, "marlin")
+
+
+def test_cuda_gemv_says_which_formats_it_cannot_serve_before_asking_the_device():
+    cuda = torch.device("cuda")  # never touched: the format is refused first
+    assert "4-bit weights only, not 3-bit" in cuda_gemv.why_not(quant_linear(8, 256, 3, 64, False), cuda)
+    assert "multiples of 32 columns, not 200 and 128" in cuda_gemv.why_not(quant_linear(8, 200, 4, 128, False), cuda)
+    assert "multiples of 32 columns, not 192 and 48" in cuda_gemv.why_not(quant_linear(8, 192, 4, 48, False), cuda)
+    assert "CUDA only" in BACKENDS["cuda"].why_not(quant_linear(8, 256, 4, 64, False), torch.device("cpu"))
+    with pytest.raises(BackendError, match="CUDA only.*backends that can: torch"):
+        use_backend(torch.nn.Sequential(quant_linear(8, 256, 4, 64, False)), "cuda")
+
+
+def test_auto_on_cuda_picks_the_cuda_gemv_at_4_bits_and_triton_otherwise(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # as an H100 says
+    cuda = torch.device("cuda")
+    assert choose(quant_linear(8, 576, 4, 128, False), cuda) == "cuda"  # ragged last group: fine
+    assert choose(quant_linear(8, 256, 4, -1, True), cuda) == "cuda"
+    assert choose(quant_linear(8, 256, 3, 64, False), cuda) == "triton"
+    assert choose(quant_linear(8, 200, 4, 64, False), cuda) == "triton"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert "sm_80" in cuda_gemv.why_not(quant_linear(8, 256, 4, 64, False), cuda)
+
+
+def test_cuda_gemv_constants_dequantize_exactly_in_bf16():
+    """The kernel's bit tricks: a code c OR-ed into bf16 128.0 (0x4300) is 128 + c, and 0xC300 | z is
+    −(128 + z), so their sum is c − z exactly, for every 4-bit code and zero point."""
+    def bf16(bits):  # a bf16 is the top half of a float32
+        return struct.unpack("<f", struct.pack("<I", bits << 16))[0]
+
+    for c in range(16):
+        for z in range(16):
+            assert bf16(0x4300 | c) == 128 + c and bf16(0xC300 | z) == -(128 + z)
+            assert bf16(0x4300 | c) + bf16(0xC300 | z) == c - z
 
 
 def test_quantized_model_logits_agree_across_cpu_backends(tiny):
