@@ -94,8 +94,9 @@ def test_a_named_backend_that_cannot_serve_says_which_can():
 def test_cuda_gemv_says_which_formats_it_cannot_serve_before_asking_the_device():
     cuda = torch.device("cuda")  # never touched: the format is refused first
     assert "4-bit weights only, not 3-bit" in cuda_gemv.why_not(quant_linear(8, 256, 3, 64, False), cuda)
-    assert "multiples of 32 columns, not 200 and 128" in cuda_gemv.why_not(quant_linear(8, 200, 4, 128, False), cuda)
-    assert "multiples of 32 columns, not 192 and 48" in cuda_gemv.why_not(quant_linear(8, 192, 4, 48, False), cuda)
+    assert "multiples of 32 columns, not a width of 200 with groups of 128" in cuda_gemv.why_not(
+        quant_linear(8, 200, 4, 128, False), cuda)
+    assert "not a width of 192 with groups of 48" in cuda_gemv.why_not(quant_linear(8, 192, 4, 48, False), cuda)
     assert "CUDA only" in BACKENDS["cuda"].why_not(quant_linear(8, 256, 4, 64, False), torch.device("cpu"))
     with pytest.raises(BackendError, match="CUDA only.*backends that can: torch"):
         use_backend(torch.nn.Sequential(quant_linear(8, 256, 4, 64, False)), "cuda")

@@ -88,7 +88,7 @@ BACKENDS: dict[str, Backend] = {
 }
 
 # What `auto` picks, best first, per device type. On an H100 (README, "Kernels"), at 4 bits the CUDA GEMV
-# beat Triton's (g128: 59.6 against 65.7 µs per 8B block), which beat tinygemm (67.9 against 81.2); Triton
+# beat Triton's (g128: 61.0 against 66.8 µs per 8B block), which beat tinygemm (67.9 against 81.2); Triton
 # serves every format; tinygemm stays available by name.
 PREFERENCE = {"cuda": ("cuda", "triton", "tinygemm", "torch"), "cpu": ("cpu_int4", "torch")}
 

@@ -122,8 +122,6 @@ __global__ void __launch_bounds__(WARPS * 32) gemv4(const uint4* __restrict__ x,
 SLICE = 32  # codes a lane reads per row per step: 16 bytes
 
 
-
-
 @dataclass(frozen=True)
 class LaunchConfig:
     rows: int  # per warp
@@ -147,8 +145,8 @@ def why_not(layer: nn.Module, device: torch.device) -> str | None:
     if layer.bits != 4:
         return f"its GEMV serves 4-bit weights only, not {layer.bits}-bit"
     if layer.in_features % SLICE or _group(layer) % SLICE:
-        return (f"it needs a width and groups in multiples of {SLICE} columns, not {layer.in_features} and "
-                f"{layer.group_size}")
+        return (f"it needs a width and groups in multiples of {SLICE} columns, not a width of {layer.in_features} "
+                f"with groups of {_group(layer)}")
     if torch.cuda.get_device_capability(device) < (8, 0):
         return "it needs bf16x2 arithmetic (sm_80 or newer)"
     if not hasattr(torch.cuda, "_compile_kernel"):
