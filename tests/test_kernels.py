@@ -113,6 +113,15 @@ def test_auto_on_cuda_picks_the_cuda_gemv_at_4_bits_and_triton_otherwise(monkeyp
     assert "sm_80" in cuda_gemv.why_not(quant_linear(8, 256, 4, 64, False), cuda)
 
 
+def test_cuda_backend_sends_activations_its_gemv_does_not_take_to_triton_and_says_so(caplog):
+    layer = quant_linear(24, 256, 4, 64, False, bias=True)
+    x = torch.randn(1, 1, 256, generator=torch.Generator().manual_seed(4))  # float32: not the CUDA GEMV's
+    with caplog.at_level("WARNING"):
+        got = BACKENDS["cuda"].forward(x, layer)  # Triton's GEMV, here in its CPU interpreter
+    torch.testing.assert_close(got, dequantize_matmul(x, layer), rtol=1e-5, atol=1e-4)
+    assert "bf16 activations" in caplog.text and "torch.float32" in caplog.text
+
+
 def test_cuda_gemv_constants_dequantize_exactly_in_bf16():
     """The kernel's bit tricks: a code c OR-ed into bf16 128.0 (0x4300) is 128 + c, and 0xC300 | z is
     −(128 + z), so their sum is c − z exactly, for every 4-bit code and zero point."""

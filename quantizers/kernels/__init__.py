@@ -6,7 +6,9 @@ Each backend says why it cannot serve a layer (or None when it can) and computes
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +18,8 @@ from torch import Tensor, nn
 
 from . import int4pack
 from .torch_ref import dequantize_matmul
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,11 @@ def _triton_why_not(layer: nn.Module, device: torch.device) -> str | None:
     return None
 
 
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
 def _cuda_why_not(layer: nn.Module, device: torch.device) -> str | None:
     from . import cuda_gemv
 
@@ -50,7 +59,11 @@ def _cuda_why_not(layer: nn.Module, device: torch.device) -> str | None:
 def _cuda_forward(x: Tensor, layer: nn.Module) -> Tensor:
     from . import cuda_gemv
 
-    if x.numel() != layer.in_features or not cuda_gemv.serves(x):  # a prefill, or activations it does not take
+    if x.numel() != layer.in_features:  # a prefill
+        return _triton_forward(x, layer)
+    if not cuda_gemv.serves(x):
+        _warn_once(f"the cuda backend's GEMV takes bf16 activations, contiguous and 16-byte aligned; these "
+                   f"({x.dtype}) go through Triton's GEMV (run in bfloat16 to use it)")
         return _triton_forward(x, layer)
     y = cuda_gemv.gemv(x.reshape(-1), layer)
     if layer.bias is not None:
