@@ -189,7 +189,8 @@ def bench_decode(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) 
 
 def _decode_row(cfg: dict[str, Any], model: nn.Module, prompt: Tensor, fmt: str, head: str, bf16_tok_s: float,
                 device: torch.device) -> dict[str, Any]:
-    torch.cuda.empty_cache() if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     chosen = use_backend(model, "auto")
     tok_s = speed.decode_tok_s(model, prompt, cfg["decode_tokens"], repeats=3, warmup=1)
     log.info("decode %s %s (head %s): %.1f tok/s (%.2fx bf16)", cfg["decode_model"], fmt, head, tok_s,

@@ -14,6 +14,8 @@ per chunk as in a plain bit stream. Codes 2j and 2j+1 (j < 15) sit at bits 3(j %
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -34,8 +36,10 @@ def packed_columns(in_features: int, bits: int) -> int:
     return -(-in_features // 8) * bits
 
 
-def _chunk3_bit_positions() -> Tensor:
-    """(32, 3): where bit b of code r of a 3-bit chunk lies among the chunk's 96 bits (32 × word + bit)."""
+@functools.cache
+def _chunk3_bit_positions(device: torch.device) -> Tensor:
+    """(32 · 3,): where bit b of code r of a 3-bit chunk lies among the chunk's 96 bits (32 × word + bit),
+    made once per device (unpacking runs at every forward of the reference backend)."""
     pos = []
     for r in range(CHUNK3):
         j, half = divmod(r, 2)
@@ -43,7 +47,7 @@ def _chunk3_bit_positions() -> Tensor:
             pos.append([32 * (j // 5) + 3 * (j % 5) + 16 * half + b for b in range(3)])
         else:  # the last pair: one bit in each word
             pos.append([32 * b + 15 + 16 * half for b in range(3)])
-    return torch.tensor(pos)
+    return torch.tensor(pos, device=device).reshape(-1)
 
 
 def _pack3(q: Tensor) -> Tensor:
@@ -52,7 +56,7 @@ def _pack3(q: Tensor) -> Tensor:
     chunks = codes.shape[1]
     bits = (codes[..., None] >> torch.arange(3, device=q.device, dtype=torch.uint8)) & 1  # (rows, chunks, 32, 3)
     stream = torch.zeros(rows, chunks, 96, dtype=torch.uint8, device=q.device)
-    stream[..., _chunk3_bit_positions().to(q.device).reshape(-1)] = bits.reshape(rows, chunks, 96)
+    stream[..., _chunk3_bit_positions(q.device)] = bits.reshape(rows, chunks, 96)
     byte_bits = stream.reshape(rows, chunks, 3, 4, 8).permute(0, 2, 1, 3, 4)  # planes first, little-endian bytes
     shifts = torch.arange(8, device=q.device, dtype=torch.uint8)
     return (byte_bits << shifts).sum(-1, dtype=torch.uint8).reshape(rows, -1)
@@ -63,7 +67,7 @@ def _unpack3(packed: Tensor, n: int) -> Tensor:
     shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
     byte_bits = (packed.reshape(rows, 3, -1, 4, 1) >> shifts) & 1  # (rows, planes, chunks, bytes, 8)
     stream = byte_bits.permute(0, 2, 1, 3, 4).reshape(rows, -1, 96)
-    bits = stream[..., _chunk3_bit_positions().to(packed.device).reshape(-1)].reshape(rows, -1, CHUNK3, 3)
+    bits = stream[..., _chunk3_bit_positions(packed.device)].reshape(rows, -1, CHUNK3, 3)
     codes = (bits << torch.arange(3, device=packed.device, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
     return codes.reshape(rows, -1)[:, :n]
 

@@ -56,42 +56,48 @@ def _cuda_why_not(layer: nn.Module, device: torch.device) -> str | None:
     return cuda_gemv.why_not(layer, device) or _triton_why_not(layer, device)  # Triton dequantizes for prefill
 
 
-def _cuda_forward(x: Tensor, layer: nn.Module) -> Tensor:
+def _triton_gemv(x: Tensor, layer: nn.Module) -> Tensor:
+    from . import triton_lowbit  # imported on first use: triton is optional
+
+    return triton_lowbit.gemv(x, layer)
+
+
+def _cuda_gemv(x: Tensor, layer: nn.Module) -> Tensor:
     from . import cuda_gemv
 
-    if x.numel() != layer.in_features:  # a prefill
-        return _triton_forward(x, layer)
     if not cuda_gemv.serves(x):
         _warn_once(f"the cuda backend's GEMV takes bf16 activations, contiguous and 16-byte aligned; these "
                    f"({x.dtype}) go through Triton's GEMV (run in bfloat16 to use it)")
-        return _triton_forward(x, layer)
-    y = cuda_gemv.gemv(x.reshape(-1), layer)
-    if layer.bias is not None:
-        y = y + layer.bias.to(y.dtype)
-    return y.reshape(*x.shape[:-1], layer.out_features)
+        return _triton_gemv(x, layer)
+    return cuda_gemv.gemv(x, layer)
 
 
-def _triton_forward(x: Tensor, layer: nn.Module) -> Tensor:
-    from . import triton_lowbit  # imported on first use: triton is optional
+def _gemv_or_gemm(gemv: Callable[[Tensor, nn.Module], Tensor]) -> Callable[[Tensor, nn.Module], Tensor]:
+    """A forward: batch 1 through `gemv` (the packed weights read once), more rows through Triton's
+    dequantize and cuBLAS (compute-bound: the one extra pass over the weights costs little)."""
+    def forward(x: Tensor, layer: nn.Module) -> Tensor:
+        from . import triton_lowbit
 
-    flat = x.reshape(-1, layer.in_features)
-    if flat.shape[0] == 1:  # batch-1 decode: read the packed weights once
-        y = triton_lowbit.gemv(flat[0], layer)[None]
-    else:  # prefill: compute-bound, so dequantize once and let cuBLAS do the GEMM
-        y = torch.nn.functional.linear(flat, triton_lowbit.dequantize(layer, x.dtype))
-    if layer.bias is not None:
-        y = y + layer.bias.to(y.dtype)
-    return y.reshape(*x.shape[:-1], layer.out_features)
+        flat = x.reshape(-1, layer.in_features)
+        if flat.shape[0] == 1:
+            y = gemv(flat[0], layer)[None]
+        else:
+            y = torch.nn.functional.linear(flat, triton_lowbit.dequantize(layer, x.dtype))
+        if layer.bias is not None:
+            y = y + layer.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], layer.out_features)
+
+    return forward
 
 
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
         Backend("torch", _always, dequantize_matmul, summary="dequantize + matmul (the reference), any device"),
-        Backend("cuda", _cuda_why_not, _cuda_forward,
+        Backend("cuda", _cuda_why_not, _gemv_or_gemm(_cuda_gemv),
                 summary="CUDA: a CUDA C++ 4-bit GEMV at batch 1 (compiled at first use), Triton's dequantize + "
                         "cuBLAS GEMM otherwise; 4-bit, widths and groups in multiples of 32, bf16"),
-        Backend("triton", _triton_why_not, _triton_forward,
+        Backend("triton", _triton_why_not, _gemv_or_gemm(_triton_gemv),
                 summary="CUDA: fused dequantize-GEMV at batch 1, dequantize + cuBLAS GEMM otherwise; any format"),
         Backend("tinygemm", int4pack.tinygemm_why_not, int4pack.tinygemm_forward, int4pack.prepare_tinygemm,
                 summary="CUDA: aten._weight_int4pack_mm, 4-bit, groups 32-256, bf16"),
