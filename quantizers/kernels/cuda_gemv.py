@@ -32,9 +32,13 @@ typedef unsigned short u16;
 __device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {  // a * b + c on bf16 pairs
     u32 d; asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }
-__device__ __forceinline__ u32 magic(u32 bits, u32 mask) {  // (bits & mask) | 0x43004300: 128 + c per half
-    u32 d; asm("lop3.b32 %0, %1, %2, 0x43004300, 0xea;" : "=r"(d) : "r"(bits), "r"(mask)); return d;
+__device__ __forceinline__ u32 or_masked(u32 bits, u32 mask, u32 c) {  // (bits & mask) | c
+    u32 d; asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(bits), "r"(mask), "r"(c)); return d;
 }
+__device__ __forceinline__ u32 magic(u32 bits, u32 mask) {  // (bits & mask) | 0x43004300: 128 + c per half
+    return or_masked(bits, mask, 0x43004300u);
+}
+__device__ __forceinline__ u32 centre_of(u32 z) { return (0xC300u | z) * 0x10001u; }  // −(128 + z), both halves
 __device__ __forceinline__ float halves(u32 pair) {  // the sum of a bf16 pair, in float32
     return __uint_as_float(pair << 16) + __uint_as_float(pair & 0xffff0000u);
 }
@@ -44,10 +48,13 @@ __device__ __forceinline__ float half_to_float(u16 h) {
 __device__ __forceinline__ u16 to_bf16(float f) {
     u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
 }
+// Weights are read once: kept out of L1, where x lives.
 __device__ __forceinline__ void load_words(const u32* p, u32 (&w)[4]) {
-    // read once: kept out of L1, where x lives
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
+}
+__device__ __forceinline__ u32 load_word(const u32* p) {
+    u32 w; asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(w) : "l"(p)); return w;
 }
 __device__ __forceinline__ float warp_sum(float v) {
     #pragma unroll
@@ -55,8 +62,8 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// Σ (c − z)·x over a word of 8 codes; xp: the pairs (x_i, x_i+4); centre: −(128 + z) in both halves.
-__device__ __forceinline__ float dot_word(u32 w, const u32 (&xp)[4], u32 centre) {
+// 4 bits: Σ (c − z)·x over a word of 8 codes; xp: the pairs (x_i, x_i+4); centre: −(128 + z).
+__device__ __forceinline__ float dot_word4(u32 w, const u32 (&xp)[4], u32 centre) {
     const u32 one = 0x3f803f80u;
     u32 acc = fma2(fma2(magic(w, 0x000f000fu), one, centre), xp[0], 0u);
     #pragma unroll
@@ -64,51 +71,136 @@ __device__ __forceinline__ float dot_word(u32 w, const u32 (&xp)[4], u32 centre)
     return halves(acc);
 }
 
-template <int K, int GROUP, int ROWS, int WARPS, int SYM, int BATCH>
-__global__ void __launch_bounds__(WARPS * 32) gemv4(const uint4* __restrict__ x, const u32* __restrict__ q,
+// 8 bits: c − z for the bytes at bits `shift` and 16 + `shift` of w, from their nibbles centred as 4-bit
+// codes are (z = 16 zh + zl): 16 (h − zh) + (l − zl), every step exact in bf16 (|c − z| <= 255).
+__device__ __forceinline__ u32 byte_pair(u32 w, int shift, u32 centre_lo, u32 centre_hi) {
+    const u32 one = 0x3f803f80u, sixteen = 0x41804180u;
+    const u32 lo = fma2(magic(w >> shift, 0x000f000fu), one, centre_lo);
+    return fma2(fma2(magic(w >> (shift + 4), 0x000f000fu), one, centre_hi), sixteen, lo);
+}
+// Σ (c − z)·x over two words of 4 byte codes; xp: the pairs (x0, x2), (x1, x3), (x4, x6), (x5, x7).
+__device__ __forceinline__ float dot_words8(u32 w0, u32 w1, const u32 (&xp)[4], u32 lo, u32 hi) {
+    u32 acc = fma2(byte_pair(w0, 0, lo, hi), xp[0], 0u);
+    acc = fma2(byte_pair(w0, 8, lo, hi), xp[1], acc);
+    acc = fma2(byte_pair(w1, 0, lo, hi), xp[2], acc);
+    return halves(fma2(byte_pair(w1, 8, lo, hi), xp[3], acc));
+}
+
+// 3 bits: Σ (c − z)·x over a chunk of 32 codes in three words (codes 2j and 2j + 1 at bits 3 (j % 5) and
+// 16 + 3 (j % 5) of word j / 5; the last pair one bit per word, at bits 15 and 31); xp: x's adjacent pairs.
+__device__ __forceinline__ float dot_chunk3(const u32 (&w)[3], const u32 (&xp)[16], u32 centre) {
+    const u32 one = 0x3f803f80u;
+    u32 acc[2] = {0u, 0u};  // two sums: fewer bf16 additions in a row
+    #pragma unroll
+    for (int j = 0; j < 15; j++)
+        acc[j / 10] = fma2(fma2(magic(w[j / 5] >> (3 * (j % 5)), 0x00070007u), one, centre), xp[j], acc[j / 10]);
+    const u32 last = or_masked(w[2] >> 13, 0x00040004u,
+                               or_masked(w[1] >> 14, 0x00020002u, magic(w[0] >> 15, 0x00010001u)));
+    acc[1] = fma2(fma2(last, one, centre), xp[15], acc[1]);
+    return halves(acc[0]) + halves(acc[1]);
+}
+
+// What a lane reads of a row per step (WORDS words holding CODES codes) and its dot with x, per format.
+template <int BITS, int K> struct Packed {  // 4 and 8 bits: 16 bytes of the row
+    static constexpr int WORDS = 4, CODES = 128 / BITS, XVECS = 512 / BITS / 32;  // x: XVECS × 16 bytes
+    static __device__ __forceinline__ void load(const u32* q, int row, int v, u32 (&w)[WORDS]) {
+        load_words(q + (size_t)row * (K * BITS / 32) + 4 * v, w);
+    }
+    template <int ROWS>
+    static __device__ __forceinline__ void dot(const uint4* x, int v, const u32 (&w)[ROWS][WORDS],
+                                               const u32 (&lo)[ROWS], const u32 (&hi)[ROWS], float (&out)[ROWS]) {
+        #pragma unroll
+        for (int j = 0; j < XVECS; j++) {
+            const uint4 a = __ldg(x + XVECS * v + j);  // (x0, x1), (x2, x3), (x4, x5), (x6, x7)
+            if constexpr (BITS == 4) {  // word j
+                const u32 xp[4] = {__byte_perm(a.x, a.z, 0x5410), __byte_perm(a.x, a.z, 0x7632),
+                                   __byte_perm(a.y, a.w, 0x5410), __byte_perm(a.y, a.w, 0x7632)};
+                #pragma unroll
+                for (int r = 0; r < ROWS; r++) out[r] += dot_word4(w[r][j], xp, lo[r]);
+            } else {  // words 2j and 2j + 1
+                const u32 xp[4] = {__byte_perm(a.x, a.y, 0x5410), __byte_perm(a.x, a.y, 0x7632),
+                                   __byte_perm(a.z, a.w, 0x5410), __byte_perm(a.z, a.w, 0x7632)};
+                #pragma unroll
+                for (int r = 0; r < ROWS; r++) out[r] += dot_words8(w[r][2 * j], w[r][2 * j + 1], xp, lo[r], hi[r]);
+            }
+        }
+    }
+};
+template <int K> struct Chunked3 {  // 3 bits: one 32-code chunk, a word from each of the row's three planes
+    static constexpr int WORDS = 3, CODES = 32, CHUNKS = K / 32;
+    static __device__ __forceinline__ void load(const u32* q, int row, int v, u32 (&w)[WORDS]) {
+        const u32* p = q + (size_t)row * (3 * CHUNKS) + v;
+        w[0] = load_word(p); w[1] = load_word(p + CHUNKS); w[2] = load_word(p + 2 * CHUNKS);
+    }
+    template <int ROWS>
+    static __device__ __forceinline__ void dot(const uint4* x, int v, const u32 (&w)[ROWS][WORDS],
+                                               const u32 (&lo)[ROWS], const u32 (&hi)[ROWS], float (&out)[ROWS]) {
+        u32 xp[16];
+        #pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const uint4 a = __ldg(x + 4 * v + j);
+            xp[4 * j] = a.x; xp[4 * j + 1] = a.y; xp[4 * j + 2] = a.z; xp[4 * j + 3] = a.w;
+        }
+        #pragma unroll
+        for (int r = 0; r < ROWS; r++) out[r] += dot_chunk3(w[r], xp, lo[r]);
+    }
+};
+template <bool C, class A, class B> struct Pick { using type = A; };
+template <class A, class B> struct Pick<false, A, B> { using type = B; };
+
+template <class F, int BATCH, int ROWS> struct Batch {  // BATCH steps' words, centres and scales
+    u32 w[BATCH][ROWS][F::WORDS], lo[BATCH][ROWS], hi[BATCH][ROWS];
+    float scale[BATCH][ROWS];
+};
+
+// A warp owns ROWS whole rows. Step s: each lane's share of every row, v = 32 s + lane. Steps go in
+// batches whose loads are all issued before any arithmetic (bytes in flight are what a GEMV needs); with
+// PREFETCH, batch b + 1's before batch b's arithmetic.
+template <int BITS, int K, int GROUP, int ROWS, int WARPS, int SYM, int BATCH, int PREFETCH>
+__global__ void __launch_bounds__(WARPS * 32) gemv(const uint4* __restrict__ x, const u32* __restrict__ q,
         const u16* __restrict__ scales, const unsigned char* __restrict__ zeros, u16* __restrict__ out, int n) {
-    constexpr int VECS = K / 32, STEPS = (VECS + 31) / 32, NG = (K + GROUP - 1) / GROUP;
+    using F = typename Pick<BITS == 3, Chunked3<K>, Packed<BITS, K>>::type;
+    constexpr int VECS = K / F::CODES, STEPS = (VECS + 31) / 32, BATCHES = (STEPS + BATCH - 1) / BATCH;
+    constexpr int NG = (K + GROUP - 1) / GROUP;
     const int lane = threadIdx.x & 31;
     const int row0 = (blockIdx.x * WARPS + threadIdx.x / 32) * ROWS;
     int rows[ROWS];
     float acc[ROWS];
     #pragma unroll
     for (int r = 0; r < ROWS; r++) { rows[r] = min(row0 + r, n - 1); acc[r] = 0.f; }
-    // Step s: this lane's 16 bytes of each row, columns 32v .. 32v + 31 with v = 32s + lane.
-    #pragma unroll
-    for (int s0 = 0; s0 < STEPS; s0 += BATCH) {
-        u32 w[BATCH][ROWS][4], centre[BATCH][ROWS];
-        float scale[BATCH][ROWS];
+    Batch<F, BATCH, ROWS> batch[PREFETCH ? 2 : 1];
+    auto load = [&](int s0, Batch<F, BATCH, ROWS>& into) {
         #pragma unroll
-        for (int b = 0; b < BATCH; b++) {  // all loads first: bytes in flight are what a GEMV needs
-            const int v = min((s0 + b) * 32 + lane, VECS - 1), g = (32 * v) / GROUP;
+        for (int b = 0; b < BATCH; b++) {
+            const int v = min((s0 + b) * 32 + lane, VECS - 1), g = (F::CODES * v) / GROUP;
             #pragma unroll
             for (int r = 0; r < ROWS; r++) {
                 if (s0 + b < STEPS) {
-                    load_words(q + (size_t)rows[r] * (K / 8) + 4 * v, w[b][r]);
-                    const u32 z = SYM ? 8u : __ldg(zeros + rows[r] * NG + g);
-                    centre[b][r] = (0xC300u | z) * 0x10001u;
-                    scale[b][r] = half_to_float(__ldg(scales + rows[r] * NG + g));
+                    F::load(q, rows[r], v, into.w[b][r]);
+                    const u32 z = SYM ? (1u << (BITS - 1)) : __ldg(zeros + rows[r] * NG + g);
+                    into.lo[b][r] = centre_of(BITS == 8 ? z & 15u : z);
+                    into.hi[b][r] = centre_of(z >> 4);  // 8 bits only
+                    into.scale[b][r] = half_to_float(__ldg(scales + rows[r] * NG + g));
                 }
             }
         }
+    };
+    if (PREFETCH) load(0, batch[0]);
+    #pragma unroll
+    for (int t = 0; t < BATCHES; t++) {
+        if (!PREFETCH) load(t * BATCH, batch[0]);
+        else if (t + 1 < BATCHES) load((t + 1) * BATCH, batch[(t + 1) & 1]);
+        const Batch<F, BATCH, ROWS>& cur = batch[PREFETCH ? t & 1 : 0];
         #pragma unroll
         for (int b = 0; b < BATCH; b++) {
-            const int v = (s0 + b) * 32 + lane;
-            if (s0 + b >= STEPS || (VECS % 32 != 0 && v >= VECS)) break;
+            const int v = (t * BATCH + b) * 32 + lane;
+            if (t * BATCH + b >= STEPS || (VECS % 32 != 0 && v >= VECS)) break;
             float dot[ROWS];
             #pragma unroll
             for (int r = 0; r < ROWS; r++) dot[r] = 0.f;
+            F::template dot<ROWS>(x, v, cur.w[b], cur.lo[b], cur.hi[b], dot);
             #pragma unroll
-            for (int j = 0; j < 4; j++) {
-                const uint4 a = __ldg(x + 4 * v + j);  // (x0, x1), (x2, x3), (x4, x5), (x6, x7) of word j
-                const u32 xp[4] = {__byte_perm(a.x, a.z, 0x5410), __byte_perm(a.x, a.z, 0x7632),
-                                   __byte_perm(a.y, a.w, 0x5410), __byte_perm(a.y, a.w, 0x7632)};
-                #pragma unroll
-                for (int r = 0; r < ROWS; r++) dot[r] += dot_word(w[b][r][j], xp, centre[b][r]);
-            }
-            #pragma unroll
-            for (int r = 0; r < ROWS; r++) acc[r] += scale[b][r] * dot[r];
+            for (int r = 0; r < ROWS; r++) acc[r] += cur.scale[b][r] * dot[r];
         }
     }
     #pragma unroll
@@ -119,7 +211,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv4(const uint4* __restrict__ x,
 }
 """
 
-SLICE = 32  # codes a lane reads per row per step: 16 bytes
+SLICE = {4: 32, 3: 32, 8: 16}  # codes a lane reads per row per step (16 bytes; 12 at 3 bits)
 
 
 @dataclass(frozen=True)
@@ -127,13 +219,18 @@ class LaunchConfig:
     rows: int  # per warp
     warps: int  # per block
     batch: int  # steps whose loads are issued together
+    prefetch: bool  # the next batch's loads issued before this one's arithmetic
 
 
-def launch_config(out_features: int) -> LaunchConfig:
-    """Measured on an H100 (Llama-3-8B shapes, 13 configs each): 2 rows per warp, 2 to 8 warps and 4 steps
-    per batch were within 2% of the best everywhere but the fused gate/up (28672 rows), where 4 rows were
-    4% faster."""
-    return LaunchConfig(rows=4 if out_features >= 16384 else 2, warps=4, batch=4)
+def launch_config(bits: int, out_features: int) -> LaunchConfig:
+    """Measured on an H100 (Llama-3-8B block, whole blocks in CUDA graphs). 4 bits: 2 rows per warp, 2 to
+    8 warps and 4 steps per batch were within 2% of the best everywhere but the fused gate/up (28672
+    rows), where 4 rows were 4% faster. 3 bits: the same but 2 rows everywhere (4 rows: 80.6 against
+    60.0 µs per block). 8 bits (8 steps per 4096 columns, not 4): batches of 2 steps, each prefetched
+    while the one before is summed (97.0 against 98.6 µs without)."""
+    if bits == 8:
+        return LaunchConfig(rows=2, warps=4, batch=2, prefetch=True)
+    return LaunchConfig(rows=4 if bits == 4 and out_features >= 16384 else 2, warps=4, batch=4, prefetch=False)
 
 
 def _group(layer: nn.Module) -> int:
@@ -142,11 +239,12 @@ def _group(layer: nn.Module) -> int:
 
 def why_not(layer: nn.Module, device: torch.device) -> str | None:
     """Why this GEMV cannot serve the layer on the device, or None."""
-    if layer.bits != 4:
-        return f"its GEMV serves 4-bit weights only, not {layer.bits}-bit"
-    if layer.in_features % SLICE or _group(layer) % SLICE:
-        return (f"it needs a width and groups in multiples of {SLICE} columns, not a width of {layer.in_features} "
-                f"with groups of {_group(layer)}")
+    if layer.bits not in SLICE:
+        return f"its GEMV serves {', '.join(map(str, sorted(SLICE)))}-bit weights, not {layer.bits}-bit"
+    codes = SLICE[layer.bits]
+    if layer.in_features % codes or _group(layer) % codes:
+        return (f"at {layer.bits} bits it needs a width and groups in multiples of {codes} columns, not a width of "
+                f"{layer.in_features} with groups of {_group(layer)}")
     if torch.cuda.get_device_capability(device) < (8, 0):
         return "it needs bf16x2 arithmetic (sm_80 or newer)"
     if not hasattr(torch.cuda, "_compile_kernel"):
@@ -160,16 +258,17 @@ def serves(x: Tensor) -> bool:
 
 
 @functools.cache
-def _kernel(k: int, group: int, sym: bool, config: LaunchConfig):
-    name = f"gemv4<{k}, {group}, {config.rows}, {config.warps}, {int(sym)}, {config.batch}>"
+def _kernel(bits: int, k: int, group: int, sym: bool, config: LaunchConfig):
+    name = (f"gemv<{bits}, {k}, {group}, {config.rows}, {config.warps}, {int(sym)}, {config.batch}, "
+            f"{int(config.prefetch)}>")
     return torch.cuda._compile_kernel(SOURCE, name, nvcc_options=["-std=c++17"])
 
 
 def gemv(x: Tensor, layer: nn.Module) -> Tensor:
-    """x (K,) bf16 -> (N,) bf16 through the packed 4-bit weights."""
+    """x (K,) bf16 -> (N,) bf16 through the packed weights."""
     n = layer.out_features
-    config = launch_config(n)
-    kernel = _kernel(layer.in_features, _group(layer), layer.sym, config)
+    config = launch_config(layer.bits, n)
+    kernel = _kernel(layer.bits, layer.in_features, _group(layer), layer.sym, config)
     out = torch.empty(n, device=x.device, dtype=x.dtype)
     zeros = layer.scales if layer.sym else layer.zeros  # unused when symmetric
     blocks = -(-n // (config.rows * config.warps))
