@@ -93,11 +93,10 @@ def test_a_named_backend_that_cannot_serve_says_which_can():
 
 def test_cuda_gemv_says_which_formats_it_cannot_serve_before_asking_the_device():
     cuda = torch.device("cuda")  # never touched: the format is refused first
-    assert "serves 3, 4, 8-bit weights, not 2-bit" in cuda_gemv.why_not(quant_linear(8, 256, 2, 64, False), cuda)
+    assert "serves 4, 8-bit weights, not 3-bit" in cuda_gemv.why_not(quant_linear(8, 256, 3, 64, False), cuda)
     assert "multiples of 32 columns, not a width of 200 with groups of 128" in cuda_gemv.why_not(
         quant_linear(8, 200, 4, 128, False), cuda)
     assert "not a width of 192 with groups of 48" in cuda_gemv.why_not(quant_linear(8, 192, 4, 48, False), cuda)
-    assert "at 3 bits" in cuda_gemv.why_not(quant_linear(8, 208, 3, -1, True), cuda)  # a chunk of 32 codes
     assert "multiples of 16 columns, not a width of 200" in cuda_gemv.why_not(quant_linear(8, 200, 8, -1, True), cuda)
     assert "CUDA only" in BACKENDS["cuda"].why_not(quant_linear(8, 256, 4, 64, False), torch.device("cpu"))
     with pytest.raises(BackendError, match="CUDA only.*backends that can: torch"):
@@ -109,11 +108,10 @@ def test_auto_on_cuda_picks_the_cuda_gemv_where_it_serves_and_triton_otherwise(m
     cuda = torch.device("cuda")
     assert choose(quant_linear(8, 576, 4, 128, False), cuda) == "cuda"  # ragged last group: fine
     assert choose(quant_linear(8, 256, 4, -1, True), cuda) == "cuda"
-    assert choose(quant_linear(8, 576, 3, 128, False), cuda) == "cuda"
     assert choose(quant_linear(8, 208, 8, 16, False), cuda) == "cuda"
     assert choose(quant_linear(8, 200, 4, 64, False), cuda) == "triton"
-    assert choose(quant_linear(8, 300, 3, 128, True), cuda) == "triton"
-    assert choose(quant_linear(8, 256, 2, 64, False), cuda) == "triton"
+    assert choose(quant_linear(8, 200, 8, -1, True), cuda) == "triton"
+    assert choose(quant_linear(8, 576, 3, 128, False), cuda) == "triton"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert "sm_80" in cuda_gemv.why_not(quant_linear(8, 256, 4, 64, False), cuda)
 
@@ -137,7 +135,7 @@ def _bf16(bits: int) -> float:  # a bf16 is the top half of a float32
 
 def test_cuda_gemv_constants_dequantize_exactly_in_bf16():
     """The kernel's bit tricks: a code c OR-ed into bf16 128.0 (0x4300) is 128 + c, and 0xC300 | z is
-    −(128 + z), so their sum is c − z exactly, for every 3- and 4-bit code and zero point."""
+    −(128 + z), so their sum is c − z exactly, for every 4-bit code and zero point."""
     for c in range(16):
         for z in range(16):
             assert _bf16(0x4300 | c) == 128 + c and _bf16(0xC300 | z) == -(128 + z)
@@ -154,20 +152,6 @@ def test_cuda_gemv_recombines_8_bit_codes_from_nibbles_exactly_in_bf16():
     for value in torch.cat([low.flatten(), high.flatten(), (16 * high + low).flatten()]).unique().tolist():
         assert _bf16_exact(float(value))
     assert torch.equal(16 * high + low, c - z)
-
-
-def test_cuda_gemv_3_bit_recipe_reads_the_chunked_storage():
-    """The CUDA GEMV's 3-bit reading, written in torch: word j // 5 of a chunk holds codes 2j and 2j + 1 at
-    bits 3 (j % 5) and 16 + 3 (j % 5); the last pair's three bits are bits 15 and 31 of the three words."""
-    layer = quant_linear(4, 576, 3, 128, False)
-    chunks = 576 // 32
-    words = layer.qweight.view(torch.int32).reshape(4, 3, chunks).long() & 0xFFFFFFFF  # rows, planes, chunks
-    pairs = [(words[:, j // 5] >> (3 * (j % 5))) for j in range(15)]
-    pairs.append(((words[:, 0] >> 15) & 0x10001) | ((words[:, 1] >> 14) & 0x20002) | ((words[:, 2] >> 13) & 0x40004))
-    low = torch.stack([p & 7 for p in pairs], -1)  # rows, chunks, 16 pairs
-    high = torch.stack([(p >> 16) & 7 for p in pairs], -1)
-    codes = torch.stack([low, high], -1).reshape(4, 576)
-    assert torch.equal(codes.to(torch.uint8), layer.codes())
 
 
 def test_quantized_model_logits_agree_across_cpu_backends(tiny):

@@ -95,8 +95,8 @@ BACKENDS: dict[str, Backend] = {
     for b in (
         Backend("torch", _always, dequantize_matmul, summary="dequantize + matmul (the reference), any device"),
         Backend("cuda", _cuda_why_not, _gemv_or_gemm(_cuda_gemv),
-                summary="CUDA: a CUDA C++ 4-bit GEMV at batch 1 (compiled at first use), Triton's dequantize + "
-                        "cuBLAS GEMM otherwise; 4-bit, widths and groups in multiples of 32, bf16"),
+                summary="CUDA: a CUDA C++ GEMV at batch 1 (compiled at first use), Triton's dequantize + cuBLAS "
+                        "GEMM otherwise; 4-bit (widths and groups in multiples of 32) and 8-bit (of 16), bf16"),
         Backend("triton", _triton_why_not, _gemv_or_gemm(_triton_gemv),
                 summary="CUDA: fused dequantize-GEMV at batch 1, dequantize + cuBLAS GEMM otherwise; any format"),
         Backend("tinygemm", int4pack.tinygemm_why_not, int4pack.tinygemm_forward, int4pack.prepare_tinygemm,
@@ -106,9 +106,10 @@ BACKENDS: dict[str, Backend] = {
     )
 }
 
-# What `auto` picks, best first, per device type. On an H100 (README, "Kernels"), at 4 bits the CUDA GEMV
-# beat Triton's (g128: 61.0 against 66.8 µs per 8B block), which beat tinygemm (67.9 against 81.2); Triton
-# serves every format; tinygemm stays available by name.
+# What `auto` picks, best first, per device type. On an H100 (README, "Kernels"), the CUDA GEMV beat Triton's
+# (g128, µs per 8B block: 61.0 against 66.8 at 4 bits, 97.2 against 103.2 at 8), which beat tinygemm at 4
+# bits (67.9 against 81.2); Triton serves every format (3 bits: the CUDA GEMV serves none); tinygemm stays
+# available by name.
 PREFERENCE = {"cuda": ("cuda", "triton", "tinygemm", "torch"), "cpu": ("cpu_int4", "torch")}
 
 

@@ -1,20 +1,25 @@
-"""Batch-1 GEMV for 4-bit codes in CUDA C++, compiled at first use by NVRTC (through torch; no toolkit).
+"""Batch-1 GEMV for 4- and 8-bit codes in CUDA C++, compiled at first use by NVRTC (through torch; no toolkit).
 
 The arithmetic is `triton_pairs`' (two codes per bf16x2 instruction by the magic number 128.0), but the
 data movement is explicit: a warp owns ROWS whole rows; each lane reads 16 bytes of every row per step
-(4 words, 32 codes), BATCH steps' words, scales and zero points loaded together before any arithmetic,
-and its 64 bytes of x once for all ROWS rows, as registers. In Triton the tiles of words, x pairs and
-group sums passed through shared memory at every step. The zero point is taken in the centring step:
-(128 + c) − (128 + z) = c − z exactly in bf16, so no Σx term; each lane's 32 codes lie in one group
-(groups are multiples of 32), whose scale is applied in float32.
+(4 words: 32 codes at 4 bits, 16 at 8), BATCH steps' words, scales and zero points loaded together before
+any arithmetic, and its share of x once for all ROWS rows, as registers. In Triton the tiles of words,
+x pairs and group sums passed through shared memory at every step. The zero point is taken in the
+centring step: (128 + c) − (128 + z) = c − z exactly in bf16, so no Σx term; each lane's codes of a
+step lie in one group (groups are multiples of a step's codes), whose scale is applied in float32.
+8 bits: each byte is split in nibbles centred as 4-bit codes are (z = 16 zh + zl) and recombined,
+16 (h − zh) + (l − zl) = c − z, every step exact in bf16 (|c − z| <= 255 fits its 8-bit significand).
 
-Measured on an H100 (Llama-3-8B block in one CUDA graph, three blocks in turn so that L2 holds none,
-`scratch` lab, against the Triton pair GEMV in the same run): 59.6 against 65.7 µs per block at g128,
-49.3 against 55.9 fused (q/k/v and gate/up as one layer each). At 3 bits the same structure was slower
-than Triton's (63.3 against 58.4 µs), so 3 bits stay there.
+Measured on an H100 (Llama-3-8B block in CUDA graphs, against the Triton GEMVs in the same run): 4 bits,
+59.6 against 65.7 µs per block at g128, 49.3 against 55.9 fused (q/k/v and gate/up as one layer each);
+8 bits, 97.2 against 103.2, 84.2 against 91.1 fused (`python -m harness bench`). At 3 bits the same
+structure (a word from each of the three planes of a 32-code chunk per lane) ran no faster than Triton's
+(bench, one run: 62.5 against 60.0 µs, 56.4 against 51.8 fused; end to end 378.1 against 377.6 tok/s),
+so 3 bits stay there.
 
-Storage as `packing` keeps it: word w of a row holds codes 8w + i and 8w + i + 4 at bits 4i and 16 + 4i.
-Needs rows of whole 32-code slices, groups of whole slices (or one per row), bf16 activations, sm_80+.
+Storage as `packing` keeps it: at 4 bits word w of a row holds codes 8w + i and 8w + i + 4 at bits 4i and
+16 + 4i; at 8 bits bytes are codes in order. Needs rows and groups (or one per row) of whole steps,
+bf16 activations, sm_80+.
 """
 
 from __future__ import annotations
@@ -32,11 +37,8 @@ typedef unsigned short u16;
 __device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {  // a * b + c on bf16 pairs
     u32 d; asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;
 }
-__device__ __forceinline__ u32 or_masked(u32 bits, u32 mask, u32 c) {  // (bits & mask) | c
-    u32 d; asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(d) : "r"(bits), "r"(mask), "r"(c)); return d;
-}
 __device__ __forceinline__ u32 magic(u32 bits, u32 mask) {  // (bits & mask) | 0x43004300: 128 + c per half
-    return or_masked(bits, mask, 0x43004300u);
+    u32 d; asm("lop3.b32 %0, %1, %2, 0x43004300, 0xea;" : "=r"(d) : "r"(bits), "r"(mask)); return d;
 }
 __device__ __forceinline__ u32 centre_of(u32 z) { return (0xC300u | z) * 0x10001u; }  // −(128 + z), both halves
 __device__ __forceinline__ float halves(u32 pair) {  // the sum of a bf16 pair, in float32
@@ -52,9 +54,6 @@ __device__ __forceinline__ u16 to_bf16(float f) {
 __device__ __forceinline__ void load_words(const u32* p, u32 (&w)[4]) {
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "l"(p));
-}
-__device__ __forceinline__ u32 load_word(const u32* p) {
-    u32 w; asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(w) : "l"(p)); return w;
 }
 __device__ __forceinline__ float warp_sum(float v) {
     #pragma unroll
@@ -86,22 +85,8 @@ __device__ __forceinline__ float dot_words8(u32 w0, u32 w1, const u32 (&xp)[4], 
     return halves(fma2(byte_pair(w1, 8, lo, hi), xp[3], acc));
 }
 
-// 3 bits: Σ (c − z)·x over a chunk of 32 codes in three words (codes 2j and 2j + 1 at bits 3 (j % 5) and
-// 16 + 3 (j % 5) of word j / 5; the last pair one bit per word, at bits 15 and 31); xp: x's adjacent pairs.
-__device__ __forceinline__ float dot_chunk3(const u32 (&w)[3], const u32 (&xp)[16], u32 centre) {
-    const u32 one = 0x3f803f80u;
-    u32 acc[2] = {0u, 0u};  // two sums: fewer bf16 additions in a row
-    #pragma unroll
-    for (int j = 0; j < 15; j++)
-        acc[j / 10] = fma2(fma2(magic(w[j / 5] >> (3 * (j % 5)), 0x00070007u), one, centre), xp[j], acc[j / 10]);
-    const u32 last = or_masked(w[2] >> 13, 0x00040004u,
-                               or_masked(w[1] >> 14, 0x00020002u, magic(w[0] >> 15, 0x00010001u)));
-    acc[1] = fma2(fma2(last, one, centre), xp[15], acc[1]);
-    return halves(acc[0]) + halves(acc[1]);
-}
-
-// What a lane reads of a row per step (WORDS words holding CODES codes) and its dot with x, per format.
-template <int BITS, int K> struct Packed {  // 4 and 8 bits: 16 bytes of the row
+// What a lane reads of a row per step (16 bytes: WORDS words of CODES codes) and its dot with x.
+template <int BITS, int K> struct Packed {
     static constexpr int WORDS = 4, CODES = 128 / BITS, XVECS = 512 / BITS / 32;  // x: XVECS × 16 bytes
     static __device__ __forceinline__ void load(const u32* q, int row, int v, u32 (&w)[WORDS]) {
         load_words(q + (size_t)row * (K * BITS / 32) + 4 * v, w);
@@ -126,28 +111,6 @@ template <int BITS, int K> struct Packed {  // 4 and 8 bits: 16 bytes of the row
         }
     }
 };
-template <int K> struct Chunked3 {  // 3 bits: one 32-code chunk, a word from each of the row's three planes
-    static constexpr int WORDS = 3, CODES = 32, CHUNKS = K / 32;
-    static __device__ __forceinline__ void load(const u32* q, int row, int v, u32 (&w)[WORDS]) {
-        const u32* p = q + (size_t)row * (3 * CHUNKS) + v;
-        w[0] = load_word(p); w[1] = load_word(p + CHUNKS); w[2] = load_word(p + 2 * CHUNKS);
-    }
-    template <int ROWS>
-    static __device__ __forceinline__ void dot(const uint4* x, int v, const u32 (&w)[ROWS][WORDS],
-                                               const u32 (&lo)[ROWS], const u32 (&hi)[ROWS], float (&out)[ROWS]) {
-        u32 xp[16];
-        #pragma unroll
-        for (int j = 0; j < 4; j++) {
-            const uint4 a = __ldg(x + 4 * v + j);
-            xp[4 * j] = a.x; xp[4 * j + 1] = a.y; xp[4 * j + 2] = a.z; xp[4 * j + 3] = a.w;
-        }
-        #pragma unroll
-        for (int r = 0; r < ROWS; r++) out[r] += dot_chunk3(w[r], xp, lo[r]);
-    }
-};
-template <bool C, class A, class B> struct Pick { using type = A; };
-template <class A, class B> struct Pick<false, A, B> { using type = B; };
-
 template <class F, int BATCH, int ROWS> struct Batch {  // BATCH steps' words, centres and scales
     u32 w[BATCH][ROWS][F::WORDS], lo[BATCH][ROWS], hi[BATCH][ROWS];
     float scale[BATCH][ROWS];
@@ -159,7 +122,7 @@ template <class F, int BATCH, int ROWS> struct Batch {  // BATCH steps' words, c
 template <int BITS, int K, int GROUP, int ROWS, int WARPS, int SYM, int BATCH, int PREFETCH>
 __global__ void __launch_bounds__(WARPS * 32) gemv(const uint4* __restrict__ x, const u32* __restrict__ q,
         const u16* __restrict__ scales, const unsigned char* __restrict__ zeros, u16* __restrict__ out, int n) {
-    using F = typename Pick<BITS == 3, Chunked3<K>, Packed<BITS, K>>::type;
+    using F = Packed<BITS, K>;
     constexpr int VECS = K / F::CODES, STEPS = (VECS + 31) / 32, BATCHES = (STEPS + BATCH - 1) / BATCH;
     constexpr int NG = (K + GROUP - 1) / GROUP;
     const int lane = threadIdx.x & 31;
@@ -178,7 +141,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv(const uint4* __restrict__ x, 
                 if (s0 + b < STEPS) {
                     F::load(q, rows[r], v, into.w[b][r]);
                     const u32 z = SYM ? (1u << (BITS - 1)) : __ldg(zeros + rows[r] * NG + g);
-                    into.lo[b][r] = centre_of(BITS == 8 ? z & 15u : z);
+                    into.lo[b][r] = centre_of(z & 15u);
                     into.hi[b][r] = centre_of(z >> 4);  // 8 bits only
                     into.scale[b][r] = half_to_float(__ldg(scales + rows[r] * NG + g));
                 }
@@ -211,7 +174,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv(const uint4* __restrict__ x, 
 }
 """
 
-SLICE = {4: 32, 3: 32, 8: 16}  # codes a lane reads per row per step (16 bytes; 12 at 3 bits)
+SLICE = {4: 32, 8: 16}  # codes a lane reads per row per step: 16 bytes
 
 
 @dataclass(frozen=True)
@@ -225,12 +188,13 @@ class LaunchConfig:
 def launch_config(bits: int, out_features: int) -> LaunchConfig:
     """Measured on an H100 (Llama-3-8B block, whole blocks in CUDA graphs). 4 bits: 2 rows per warp, 2 to
     8 warps and 4 steps per batch were within 2% of the best everywhere but the fused gate/up (28672
-    rows), where 4 rows were 4% faster. 3 bits: the same but 2 rows everywhere (4 rows: 80.6 against
-    60.0 µs per block). 8 bits (8 steps per 4096 columns, not 4): batches of 2 steps, each prefetched
-    while the one before is summed (97.0 against 98.6 µs without)."""
+    rows), where 4 rows were 4% faster; prefetching the next batch bought nothing (60.0 against 60.4 µs
+    per block). 8 bits (8 steps per 4096 columns, not 4): batches of
+    2 steps, each prefetched while the one before is summed (97.0 against 98.6 µs without; 1 row per
+    warp 98.5, 4 rows 126.2)."""
     if bits == 8:
         return LaunchConfig(rows=2, warps=4, batch=2, prefetch=True)
-    return LaunchConfig(rows=4 if bits == 4 and out_features >= 16384 else 2, warps=4, batch=4, prefetch=False)
+    return LaunchConfig(rows=4 if out_features >= 16384 else 2, warps=4, batch=4, prefetch=False)
 
 
 def _group(layer: nn.Module) -> int:
