@@ -12,7 +12,7 @@ step lie in one group (groups are multiples of a step's codes), whose scale is a
 
 Measured on an H100 (Llama-3-8B block in CUDA graphs, against the Triton GEMVs in the same run): 4 bits,
 59.6 against 65.7 µs per block at g128, 49.3 against 55.9 fused (q/k/v and gate/up as one layer each);
-8 bits, 97.2 against 103.2, 84.2 against 91.1 fused (`python -m harness bench`). At 3 bits the same
+8 bits, 95.7 against 104.1, 84.3 against 91.8 fused (`python -m harness bench`). At 3 bits the same
 structure (a word from each of the three planes of a 32-code chunk per lane) ran no faster than Triton's
 (bench, one run: 62.5 against 60.0 µs, 56.4 against 51.8 fused; end to end 378.1 against 377.6 tok/s),
 so 3 bits stay there.
@@ -189,10 +189,13 @@ def launch_config(bits: int, out_features: int) -> LaunchConfig:
     """Measured on an H100 (Llama-3-8B block, whole blocks in CUDA graphs). 4 bits: 2 rows per warp, 2 to
     8 warps and 4 steps per batch were within 2% of the best everywhere but the fused gate/up (28672
     rows), where 4 rows were 4% faster; prefetching the next batch bought nothing (60.0 against 60.4 µs
-    per block). 8 bits (8 steps per 4096 columns, not 4): batches of
-    2 steps, each prefetched while the one before is summed (97.0 against 98.6 µs without; 1 row per
-    warp 98.5, 4 rows 126.2)."""
+    per block). 8 bits (8 steps per 4096 columns, not 4): batches of 2 steps, each prefetched while the
+    one before is summed (97.0 against 98.6 µs without; 1 row per warp 98.5, 4 rows 126.2), but 1 row per
+    warp and batches of 4 for the narrow k/v projections (1024 rows: more warps to keep bytes in flight;
+    95.6 against 97.4 µs per block)."""
     if bits == 8:
+        if out_features <= 2048:
+            return LaunchConfig(rows=1, warps=4, batch=4, prefetch=True)
         return LaunchConfig(rows=2, warps=4, batch=2, prefetch=True)
     return LaunchConfig(rows=4 if out_features >= 16384 else 2, warps=4, batch=4, prefetch=False)
 
