@@ -71,8 +71,8 @@ def main() -> None:
             use_backend(model, backend)
             forced[backend] = forced_logits(model, prompt, ref_tokens)
         ref_forced = forced[backends[0]]
+        scale = ref_forced.abs().amax(-1)
         for backend, (tokens, counts, tok_s) in results.items():
-            scale = ref_forced.abs().amax(-1)
             print(json.dumps({
                 "format": f"w{args.bits}g{group_size}{'-sym' if sym else ''}", "backend": backend, "layers": counts,
                 "tokens_equal_to_reference": (tokens == ref_tokens).float().mean().item(),

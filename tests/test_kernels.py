@@ -143,15 +143,15 @@ def test_cuda_gemv_constants_dequantize_exactly_in_bf16():
 
 
 def test_cuda_gemv_recombines_8_bit_codes_from_nibbles_exactly_in_bf16():
-    """At 8 bits each byte is split in nibbles, centred as 4-bit codes (z = 16 zh + zl), then
-    16 (h − zh) + (l − zl) by one bf16 FMA: every intermediate value, hence every FMA, is exact in bf16."""
+    """At 8 bits each byte is split in nibbles, each centred as a 4-bit code is (z = 16 zh + zl, exact as
+    above), then one bf16 FMA by the constant 16 (0x4180) gives 16 (h − zh) + (l − zl): c − z for every
+    code and zero point, and an FMA rounds once, so it is exact where the result fits bf16."""
+    assert _bf16(0x4180) == 16.0 and _bf16(0x3F80) == 1.0
     codes = torch.arange(256)
     c, z = codes[:, None], codes[None, :]
-    low = (_bf16(0x4300) + (c & 15)) - (_bf16(0x4300) + (z & 15))  # (128 + l) − (128 + zl)
-    high = (128 + (c >> 4)) - (128 + (z >> 4))
-    for value in torch.cat([low.flatten(), high.flatten(), (16 * high + low).flatten()]).unique().tolist():
-        assert _bf16_exact(float(value))
-    assert torch.equal(16 * high + low, c - z)
+    recombined = 16 * ((c >> 4) - (z >> 4)) + ((c & 15) - (z & 15))
+    assert torch.equal(recombined, c - z)
+    assert all(_bf16_exact(float(value)) for value in recombined.unique().tolist())
 
 
 def test_quantized_model_logits_agree_across_cpu_backends(tiny):

@@ -10,9 +10,9 @@ step lie in one group (groups are multiples of a step's codes), whose scale is a
 8 bits: each byte is split in nibbles centred as 4-bit codes are (z = 16 zh + zl) and recombined,
 16 (h − zh) + (l − zl) = c − z, every step exact in bf16 (|c − z| <= 255 fits its 8-bit significand).
 
-Measured on an H100 (Llama-3-8B block in CUDA graphs, against the Triton GEMVs in the same run): 4 bits,
-59.6 against 65.7 µs per block at g128, 49.3 against 55.9 fused (q/k/v and gate/up as one layer each);
-8 bits, 95.7 against 104.1, 84.3 against 91.8 fused (`python -m harness bench`). At 3 bits the same
+Measured on an H100 (`python -m harness bench`: Llama-3-8B block in CUDA graphs, against the Triton GEMVs
+in the same run, g128): 4 bits, 61.1 against 66.5 µs per block, 50.5 against 57.1 fused (q/k/v and gate/up
+as one layer each); 8 bits, 95.7 against 104.1, 84.3 against 91.8 fused. At 3 bits the same
 structure (a word from each of the three planes of a 32-code chunk per lane) ran no faster than Triton's
 (bench, one run: 62.5 against 60.0 µs, 56.4 against 51.8 fused; end to end 378.1 against 377.6 tok/s),
 so 3 bits stay there.
