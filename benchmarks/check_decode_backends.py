@@ -60,24 +60,21 @@ def main() -> None:
     backends = args.backends.split(",")
     for group_size, sym in ((128, False), (-1, False), (128, True)):
         model = quantizers.quantize(copy.deepcopy(loaded.model), QuantSpec("rtn", args.bits, group_size, sym=sym))
-        results = {}
-        for backend in backends:
+        results, ref_tokens = {}, None
+        for backend in backends:  # the reference first: its tokens are fed to the others
             counts = use_backend(model, backend)
             tokens = greedy(model, prompt, args.tokens)
-            results[backend] = (tokens, counts, decode_tok_s(model, prompt, args.tokens))
-        ref_tokens = results[backends[0]][0]
-        forced = {}
-        for backend in backends:
-            use_backend(model, backend)
-            forced[backend] = forced_logits(model, prompt, ref_tokens)
-        ref_forced = forced[backends[0]]
+            ref_tokens = tokens if ref_tokens is None else ref_tokens
+            results[backend] = (tokens, forced_logits(model, prompt, ref_tokens), counts,
+                                decode_tok_s(model, prompt, args.tokens))
+        ref_forced = results[backends[0]][1]
         scale = ref_forced.abs().amax(-1)
-        for backend, (tokens, counts, tok_s) in results.items():
+        for backend, (tokens, forced, counts, tok_s) in results.items():
             print(json.dumps({
                 "format": f"w{args.bits}g{group_size}{'-sym' if sym else ''}", "backend": backend, "layers": counts,
                 "tokens_equal_to_reference": (tokens == ref_tokens).float().mean().item(),
-                "forced_next_token_agrees": (forced[backend].argmax(-1) == ref_forced.argmax(-1)).float().mean().item(),
-                "forced_logits_rel_diff": ((forced[backend] - ref_forced).abs().amax(-1) / scale).max().item(),
+                "forced_next_token_agrees": (forced.argmax(-1) == ref_forced.argmax(-1)).float().mean().item(),
+                "forced_logits_rel_diff": ((forced - ref_forced).abs().amax(-1) / scale).max().item(),
                 "decode_tok_s": round(tok_s, 1)}))
 
 

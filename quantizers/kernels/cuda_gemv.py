@@ -85,34 +85,29 @@ __device__ __forceinline__ float dot_words8(u32 w0, u32 w1, const u32 (&xp)[4], 
     return halves(fma2(byte_pair(w1, 8, lo, hi), xp[3], acc));
 }
 
-// What a lane reads of a row per step (16 bytes: WORDS words of CODES codes) and its dot with x.
-template <int BITS, int K> struct Packed {
-    static constexpr int WORDS = 4, CODES = 128 / BITS, XVECS = 512 / BITS / 32;  // x: XVECS × 16 bytes
-    static __device__ __forceinline__ void load(const u32* q, int row, int v, u32 (&w)[WORDS]) {
-        load_words(q + (size_t)row * (K * BITS / 32) + 4 * v, w);
-    }
-    template <int ROWS>
-    static __device__ __forceinline__ void dot(const uint4* x, int v, const u32 (&w)[ROWS][WORDS],
-                                               const u32 (&lo)[ROWS], const u32 (&hi)[ROWS], float (&out)[ROWS]) {
-        #pragma unroll
-        for (int j = 0; j < XVECS; j++) {
-            const uint4 a = __ldg(x + XVECS * v + j);  // (x0, x1), (x2, x3), (x4, x5), (x6, x7)
-            if constexpr (BITS == 4) {  // word j
-                const u32 xp[4] = {__byte_perm(a.x, a.z, 0x5410), __byte_perm(a.x, a.z, 0x7632),
-                                   __byte_perm(a.y, a.w, 0x5410), __byte_perm(a.y, a.w, 0x7632)};
-                #pragma unroll
-                for (int r = 0; r < ROWS; r++) out[r] += dot_word4(w[r][j], xp, lo[r]);
-            } else {  // words 2j and 2j + 1
-                const u32 xp[4] = {__byte_perm(a.x, a.y, 0x5410), __byte_perm(a.x, a.y, 0x7632),
-                                   __byte_perm(a.z, a.w, 0x5410), __byte_perm(a.z, a.w, 0x7632)};
-                #pragma unroll
-                for (int r = 0; r < ROWS; r++) out[r] += dot_words8(w[r][2 * j], w[r][2 * j + 1], xp, lo[r], hi[r]);
-            }
+// Σ (c − z)·x over a lane's 16 bytes of each of ROWS rows at step slice v (32 codes at 4 bits, 16 at 8).
+template <int BITS, int ROWS>
+__device__ __forceinline__ void dot_step(const uint4* x, int v, const u32 (&w)[ROWS][4], const u32 (&lo)[ROWS],
+                                         const u32 (&hi)[ROWS], float (&out)[ROWS]) {
+    constexpr int XVECS = 512 / BITS / 32;  // x: XVECS × 16 bytes
+    #pragma unroll
+    for (int j = 0; j < XVECS; j++) {
+        const uint4 a = __ldg(x + XVECS * v + j);  // (x0, x1), (x2, x3), (x4, x5), (x6, x7)
+        if constexpr (BITS == 4) {  // word j
+            const u32 xp[4] = {__byte_perm(a.x, a.z, 0x5410), __byte_perm(a.x, a.z, 0x7632),
+                               __byte_perm(a.y, a.w, 0x5410), __byte_perm(a.y, a.w, 0x7632)};
+            #pragma unroll
+            for (int r = 0; r < ROWS; r++) out[r] += dot_word4(w[r][j], xp, lo[r]);
+        } else {  // words 2j and 2j + 1
+            const u32 xp[4] = {__byte_perm(a.x, a.y, 0x5410), __byte_perm(a.x, a.y, 0x7632),
+                               __byte_perm(a.z, a.w, 0x5410), __byte_perm(a.z, a.w, 0x7632)};
+            #pragma unroll
+            for (int r = 0; r < ROWS; r++) out[r] += dot_words8(w[r][2 * j], w[r][2 * j + 1], xp, lo[r], hi[r]);
         }
     }
-};
-template <class F, int BATCH, int ROWS> struct Batch {  // BATCH steps' words, centres and scales
-    u32 w[BATCH][ROWS][F::WORDS], lo[BATCH][ROWS], hi[BATCH][ROWS];
+}
+template <int BATCH, int ROWS> struct Batch {  // BATCH steps' words, centres and scales
+    u32 w[BATCH][ROWS][4], lo[BATCH][ROWS], hi[BATCH][ROWS];
     float scale[BATCH][ROWS];
 };
 
@@ -122,8 +117,8 @@ template <class F, int BATCH, int ROWS> struct Batch {  // BATCH steps' words, c
 template <int BITS, int K, int GROUP, int ROWS, int WARPS, int SYM, int BATCH, int PREFETCH>
 __global__ void __launch_bounds__(WARPS * 32) gemv(const uint4* __restrict__ x, const u32* __restrict__ q,
         const u16* __restrict__ scales, const unsigned char* __restrict__ zeros, u16* __restrict__ out, int n) {
-    using F = Packed<BITS, K>;
-    constexpr int VECS = K / F::CODES, STEPS = (VECS + 31) / 32, BATCHES = (STEPS + BATCH - 1) / BATCH;
+    constexpr int CODES = 128 / BITS;  // per lane per row per step: 16 bytes
+    constexpr int VECS = K / CODES, STEPS = (VECS + 31) / 32, BATCHES = (STEPS + BATCH - 1) / BATCH;
     constexpr int NG = (K + GROUP - 1) / GROUP;
     const int lane = threadIdx.x & 31;
     const int row0 = (blockIdx.x * WARPS + threadIdx.x / 32) * ROWS;
@@ -131,15 +126,15 @@ __global__ void __launch_bounds__(WARPS * 32) gemv(const uint4* __restrict__ x, 
     float acc[ROWS];
     #pragma unroll
     for (int r = 0; r < ROWS; r++) { rows[r] = min(row0 + r, n - 1); acc[r] = 0.f; }
-    Batch<F, BATCH, ROWS> batch[PREFETCH ? 2 : 1];
-    auto load = [&](int s0, Batch<F, BATCH, ROWS>& into) {
+    Batch<BATCH, ROWS> batch[PREFETCH ? 2 : 1];
+    auto load = [&](int s0, Batch<BATCH, ROWS>& into) {
         #pragma unroll
         for (int b = 0; b < BATCH; b++) {
-            const int v = min((s0 + b) * 32 + lane, VECS - 1), g = (F::CODES * v) / GROUP;
+            const int v = min((s0 + b) * 32 + lane, VECS - 1), g = (CODES * v) / GROUP;
             #pragma unroll
             for (int r = 0; r < ROWS; r++) {
                 if (s0 + b < STEPS) {
-                    F::load(q, rows[r], v, into.w[b][r]);
+                    load_words(q + (size_t)rows[r] * (K * BITS / 32) + 4 * v, into.w[b][r]);
                     const u32 z = SYM ? (1u << (BITS - 1)) : __ldg(zeros + rows[r] * NG + g);
                     into.lo[b][r] = centre_of(z & 15u);
                     into.hi[b][r] = centre_of(z >> 4);  // 8 bits only
@@ -153,7 +148,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv(const uint4* __restrict__ x, 
     for (int t = 0; t < BATCHES; t++) {
         if (!PREFETCH) load(t * BATCH, batch[0]);
         else if (t + 1 < BATCHES) load((t + 1) * BATCH, batch[(t + 1) & 1]);
-        const Batch<F, BATCH, ROWS>& cur = batch[PREFETCH ? t & 1 : 0];
+        const Batch<BATCH, ROWS>& cur = batch[PREFETCH ? t & 1 : 0];
         #pragma unroll
         for (int b = 0; b < BATCH; b++) {
             const int v = (t * BATCH + b) * 32 + lane;
@@ -161,7 +156,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv(const uint4* __restrict__ x, 
             float dot[ROWS];
             #pragma unroll
             for (int r = 0; r < ROWS; r++) dot[r] = 0.f;
-            F::template dot<ROWS>(x, v, cur.w[b], cur.lo[b], cur.hi[b], dot);
+            dot_step<BITS, ROWS>(x, v, cur.w[b], cur.lo[b], cur.hi[b], dot);
             #pragma unroll
             for (int r = 0; r < ROWS; r++) acc[r] += cur.scale[b][r] * dot[r];
         }
