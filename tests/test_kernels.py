@@ -93,7 +93,9 @@ def test_a_named_backend_that_cannot_serve_says_which_can():
 
 def test_cuda_gemv_says_which_formats_it_cannot_serve_before_asking_the_device():
     cuda = torch.device("cuda")  # never touched: the format is refused first
-    assert "serves 4, 8-bit weights, not 3-bit" in cuda_gemv.why_not(quant_linear(8, 256, 3, 64, False), cuda)
+    assert "serves 3, 4, 8-bit weights, not 2-bit" in cuda_gemv.why_not(quant_linear(8, 256, 2, 64, False), cuda)
+    assert "at 3 bits it needs a width and groups in multiples of 32 columns, not a width of 200" in cuda_gemv.why_not(
+        quant_linear(8, 200, 3, 64, False), cuda)
     assert "multiples of 32 columns, not a width of 200 with groups of 128" in cuda_gemv.why_not(
         quant_linear(8, 200, 4, 128, False), cuda)
     assert "not a width of 192 with groups of 48" in cuda_gemv.why_not(quant_linear(8, 192, 4, 48, False), cuda)
@@ -111,7 +113,8 @@ def test_auto_on_cuda_picks_the_cuda_gemv_where_it_serves_and_triton_otherwise(m
     assert choose(quant_linear(8, 208, 8, 16, False), cuda) == "cuda"
     assert choose(quant_linear(8, 200, 4, 64, False), cuda) == "triton"
     assert choose(quant_linear(8, 200, 8, -1, True), cuda) == "triton"
-    assert choose(quant_linear(8, 576, 3, 128, False), cuda) == "triton"
+    assert choose(quant_linear(8, 576, 3, 128, False), cuda) == "cuda"
+    assert choose(quant_linear(8, 300, 3, 128, False), cuda) == "triton"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert "sm_80" in cuda_gemv.why_not(quant_linear(8, 256, 4, 64, False), cuda)
 
@@ -152,6 +155,45 @@ def test_cuda_gemv_recombines_8_bit_codes_from_nibbles_exactly_in_bf16():
     recombined = 16 * ((c >> 4) - (z >> 4)) + ((c & 15) - (z & 15))
     assert torch.equal(recombined, c - z)
     assert all(_bf16_exact(float(value)) for value in recombined.unique().tolist())
+
+
+def _kernel_reads_3bit_chunk(w0: int, w1: int, w2: int) -> list[int]:
+    """The 32 codes of a chunk as `dot_chunk3` takes them from its three words: pair j < 15 by the mask
+    0x00070007 after a shift of 3 (j % 5) of word j / 5, the last pair's bits gathered from bits 15 and 31."""
+    words, codes = (w0, w1, w2), []
+    for j in range(15):
+        pair = (words[j // 5] >> (3 * (j % 5))) & 0x00070007
+        codes += [pair & 0xFFFF, pair >> 16]
+    last = ((w0 >> 15) & 0x00010001) | ((w1 >> 14) & 0x00020002) | ((w2 >> 13) & 0x00040004)
+    return codes + [last & 0xFFFF, last >> 16]
+
+
+def test_cuda_gemv_reads_3_bit_chunks_where_packing_puts_them():
+    """Plane p of a row starts at word p · K / 32; chunk c's word in it is word c (the kernel's loads)."""
+    k = 128
+    codes = torch.randint(0, 8, (3, k), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    words = quantizers.packing.pack(codes, 3).view(torch.int32).long() & 0xFFFFFFFF
+    for row in range(3):
+        read = [code for chunk in range(k // 32)
+                for code in _kernel_reads_3bit_chunk(*(words[row, p * (k // 32) + chunk].item() for p in range(3)))]
+        assert read == codes[row].tolist()
+
+
+def test_cuda_gemv_shared_memory_swizzle_is_a_permutation_without_bank_conflicts():
+    """`swizzle<2>` (u ^ ((u >> 3) & 7)): x's 16-byte vector u in shared memory. A lane of a 3-bit step of 2
+    chunks reads vectors 8 v + i; each 8 lanes (one shared-memory phase of 16-byte loads) must hit 8
+    different bank groups, and the copy in (vector u by thread u) too."""
+    def swizzle(u):
+        return u ^ ((u >> 3) & 7)
+
+    for k in (576, 4096, 14336):
+        vectors, padded = k // 8, -(-k // 64) * 8
+        assert sorted({swizzle(u) for u in range(vectors)}) == sorted(swizzle(u) for u in range(vectors))
+        assert max(swizzle(u) for u in range(vectors)) < padded
+        for i in range(8):
+            for first_lane in range(0, 32, 8):
+                assert len({swizzle(8 * v + i) % 8 for v in range(first_lane, first_lane + 8)}) == 8
+        assert all(len({swizzle(u) % 8 for u in range(t, t + 8)}) == 8 for t in range(0, vectors - 7, 8))
 
 
 def test_quantized_model_logits_agree_across_cpu_backends(tiny):

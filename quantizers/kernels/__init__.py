@@ -96,7 +96,7 @@ BACKENDS: dict[str, Backend] = {
         Backend("torch", _always, dequantize_matmul, summary="dequantize + matmul (the reference), any device"),
         Backend("cuda", _cuda_why_not, _gemv_or_gemm(_cuda_gemv),
                 summary="CUDA: a CUDA C++ GEMV at batch 1 (compiled at first use), Triton's dequantize + cuBLAS "
-                        "GEMM otherwise; 4-bit (widths and groups in multiples of 32) and 8-bit (of 16), bf16"),
+                        "GEMM otherwise; 3- and 4-bit (widths and groups in multiples of 32) and 8-bit (of 16), bf16"),
         Backend("triton", _triton_why_not, _gemv_or_gemm(_triton_gemv),
                 summary="CUDA: fused dequantize-GEMV at batch 1, dequantize + cuBLAS GEMM otherwise; any format"),
         Backend("tinygemm", int4pack.tinygemm_why_not, int4pack.tinygemm_forward, int4pack.prepare_tinygemm,
@@ -107,9 +107,9 @@ BACKENDS: dict[str, Backend] = {
 }
 
 # What `auto` picks, best first, per device type. On an H100 (README, "Kernels"), the CUDA GEMV beat Triton's
-# (g128, µs per 8B block: 61.0 against 66.8 at 4 bits, 95.7 against 104.1 at 8), which beat tinygemm at 4
-# bits (67.9 against 81.2); Triton serves every format (3 bits: the CUDA GEMV serves none); tinygemm stays
-# available by name.
+# (g128, µs per 8B block: 61.0 against 66.8 at 4 bits, 95.7 against 104.1 at 8, 53.0 against 59.2 at 3),
+# which beat tinygemm at 4 bits (67.9 against 81.2); Triton serves every format; tinygemm stays available
+# by name.
 PREFERENCE = {"cuda": ("cuda", "triton", "tinygemm", "torch"), "cpu": ("cpu_int4", "torch")}
 
 
