@@ -15,9 +15,10 @@ through shared memory, its 16-byte vectors swizzled so that a warp's loads hit e
 
 Measured on an H100 (`python -m harness bench`: Llama-3-8B block in CUDA graphs, against the Triton GEMVs
 in the same run, g128): 4 bits, 61.1 against 66.5 µs per block, 50.5 against 57.1 fused (q/k/v and gate/up
-as one layer each); 8 bits, 95.7 against 104.1, 84.3 against 91.8 fused; 3 bits (lab) 53.0 against 59.2,
-44.4 against 50.5 fused. At 3 bits one chunk per lane per step (three 4-byte loads, x from L1) ran no
-faster than Triton's (62.5 against 60.0 µs); 2 chunks with x from L1, 83.4.
+as one layer each); 8 bits, 95.7 against 104.1, 84.3 against 91.8 fused; 3 bits, 53.0 against 61.8,
+and timed three times each in a lab run 44.4-44.8 against 50.4-50.6 fused. At 3 bits one chunk per lane
+per step (three 4-byte loads, x from L1) ran no faster than Triton's (62.5 against 60.0 µs); 2 chunks with
+x from L1, 83.4.
 
 Storage as `packing` keeps it: at 4 bits word w of a row holds codes 8w + i and 8w + i + 4 at bits 4i and
 16 + 4i; at 8 bits bytes are codes in order; at 3 bits a row is three planes of one word per 32-code chunk.
@@ -116,10 +117,9 @@ __device__ __forceinline__ float dot_chunk3(u32 w0, u32 w1, u32 w2, const u32 (&
     return total;
 }
 
-// Σ (c − z)·x over a lane's 16 bytes of each of ROWS rows at step slice v (32 codes at 4 bits, 16 at 8).
-// Where x's 16-byte vector u is kept in shared memory: lanes whose runs of x lie 64·CHUNKS bytes apart
-// read from 8 different bank groups (u's bits 0-2 flipped by the lane's).
-template <int CHUNKS> __device__ __forceinline__ int swizzle(int u) {  // 4 vectors per chunk
+// Where x's 16-byte vector u is kept in shared memory (chunks of 4 vectors): lanes whose runs of x lie
+// 4·CHUNKS vectors apart read from 8 different bank groups (u's bits 0-2 flipped by the lane's).
+template <int CHUNKS> __device__ __forceinline__ int swizzle(int u) {
     return u ^ ((u >> (CHUNKS == 4 ? 4 : 3)) & 7);
 }
 
@@ -130,6 +130,7 @@ template <int BITS, int ROWS, int WORDS, int CHUNKS>
 __device__ __forceinline__ void dot_step(const uint4* x, int v, const u32 (&w)[ROWS][WORDS], const u32 (&lo)[ROWS],
                                          const u32 (&hi)[ROWS], float (&out)[ROWS]) {
     constexpr int XVECS = BITS == 8 ? 2 : 4;
+    static_assert(BITS != 8 || CHUNKS == 1, "the swizzle takes chunks of 4 vectors of x");
     #pragma unroll
     for (int c = 0; c < CHUNKS; c++) {
         u32 xp3[16];  // 3 bits: the chunk's x pairs (x_2j, x_2j+1)
