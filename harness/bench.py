@@ -90,6 +90,16 @@ def _fused_block(layers: dict[str, nn.Module], inputs: dict[str, Tensor]):
     return _block_forward(fused, fused_inputs)
 
 
+def _block_us(layers: dict[str, nn.Module], inputs: dict[str, dict[str, Tensor]], device: torch.device,
+              repeats: int) -> dict[str, float]:
+    """µs per block: decode, decode fused, then prefill (the batch-1 timings before the GEMMs, whose heat
+    could slow what follows them)."""
+    us = {"decode": speed.timed_us(_block_forward(layers, inputs["decode"]), device, repeats),
+          "decode_fused": speed.timed_us(_fused_block(layers, inputs["decode"]), device, repeats)}
+    us["prefill"] = speed.timed_us(_block_forward(layers, inputs["prefill"]), device, repeats)
+    return us
+
+
 def _relative_error(got: list[Tensor], expected: list[Tensor]) -> float:
     return max(((g.float() - e.float()).norm() / e.float().norm()).item() for g, e in zip(got, expected, strict=True))
 
@@ -103,9 +113,7 @@ def bench_layers(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) 
         inputs = {phase: {name: torch.randn(m, k, generator=gen).to(device, dtype) for name, (_, k) in
                           linear_shapes.items()} for phase, m in tokens.items()}
         dense = {name: nn.Linear(k, n, bias=False).to(device, dtype) for name, (n, k) in linear_shapes.items()}
-        baseline_us = {phase: speed.timed_us(_block_forward(dense, inputs[phase]), device, cfg["repeats"])
-                       for phase in tokens}
-        baseline_us["decode_fused"] = speed.timed_us(_fused_block(dense, inputs["decode"]), device, cfg["repeats"])
+        baseline_us = _block_us(dense, inputs, device, cfg["repeats"])
         dense_bytes = sum(_stored_bytes(m) for m in dense.values())
         rows.append(_row(shape, "bf16", "F.linear", dense_bytes, dense_bytes, baseline_us, baseline_us, 0.0, cfg,
                          device))
@@ -127,8 +135,7 @@ def bench_layers(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) 
                 use_backend(nn.ModuleDict(layers), backend)
                 with torch.no_grad():
                     error = max(_relative_error(_block_forward(layers, inputs[p])(), reference[p]) for p in tokens)
-                us = {p: speed.timed_us(_block_forward(layers, inputs[p]), device, cfg["repeats"]) for p in tokens}
-                us["decode_fused"] = speed.timed_us(_fused_block(layers, inputs["decode"]), device, cfg["repeats"])
+                us = _block_us(layers, inputs, device, cfg["repeats"])
                 rows.append(_row(shape, fmt, backend, stored, theoretical, us, baseline_us, error, cfg, device))
                 log.info("%s %s %s: decode %.1f µs (%.2fx bf16), prefill %.1f µs (%.2fx), error %.2g", shape, fmt,
                          backend, us["decode"], baseline_us["decode"] / us["decode"], us["prefill"],

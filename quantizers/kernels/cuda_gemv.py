@@ -15,8 +15,8 @@ through shared memory, its 16-byte vectors swizzled so that a warp's loads hit e
 
 Measured on an H100 (`python -m harness bench`: Llama-3-8B block in CUDA graphs, against the Triton GEMVs
 in the same run, g128): 4 bits, 61.1 against 66.5 µs per block, 50.5 against 57.1 fused (q/k/v and gate/up
-as one layer each); 8 bits, 95.7 against 104.1, 84.3 against 91.8 fused; 3 bits, 53.0 against 61.8,
-and timed three times each in a lab run 44.4-44.8 against 50.4-50.6 fused. At 3 bits one chunk per lane
+as one layer each); 8 bits, 95.7 against 104.1, 84.3 against 91.8 fused; 3 bits, 53.1 against 61.2,
+44.9 against 52.2 fused. At 3 bits one chunk per lane
 per step (three 4-byte loads, x from L1) ran no faster than Triton's (62.5 against 60.0 µs); 2 chunks with
 x from L1, 83.4.
 
