@@ -117,11 +117,9 @@ __device__ __forceinline__ float dot_chunk3(u32 w0, u32 w1, u32 w2, const u32 (&
     return total;
 }
 
-// Where x's 16-byte vector u is kept in shared memory (chunks of 4 vectors): lanes whose runs of x lie
-// 4·CHUNKS vectors apart read from 8 different bank groups (u's bits 0-2 flipped by the lane's).
-template <int CHUNKS> __device__ __forceinline__ int swizzle(int u) {
-    return u ^ ((u >> (CHUNKS == 4 ? 4 : 3)) & 7);
-}
+// Where x's 16-byte vector u is kept in shared memory: lanes whose runs of x lie 8 vectors apart (2 chunks)
+// read from 8 different bank groups (u's bits 0-2 flipped by the lane's).
+__device__ __forceinline__ int swizzle(int u) { return u ^ ((u >> 3) & 7); }
 
 // Σ (c − z)·x over a lane's CHUNKS chunks of each of ROWS rows at step slice v. A chunk: 32 codes (16 at
 // 8 bits), one 16-byte vector of words at 4 and 8 bits (words 4c..4c + 3), a word of each plane at 3 bits
@@ -130,14 +128,14 @@ template <int BITS, int ROWS, int WORDS, int CHUNKS>
 __device__ __forceinline__ void dot_step(const uint4* x, int v, const u32 (&w)[ROWS][WORDS], const u32 (&lo)[ROWS],
                                          const u32 (&hi)[ROWS], float (&out)[ROWS]) {
     constexpr int XVECS = BITS == 8 ? 2 : 4;
-    static_assert(BITS != 8 || CHUNKS == 1, "the swizzle takes chunks of 4 vectors of x");
+    static_assert(CHUNKS == 1 || (CHUNKS == 2 && BITS != 8), "the swizzle takes 2 chunks of 4 vectors of x");
     #pragma unroll
     for (int c = 0; c < CHUNKS; c++) {
         u32 xp3[16];  // 3 bits: the chunk's x pairs (x_2j, x_2j+1)
         #pragma unroll
         for (int j = 0; j < XVECS; j++) {
             const int u = XVECS * (CHUNKS * v + c) + j;
-            const uint4 a = CHUNKS > 1 ? x[swizzle<CHUNKS>(u)] : __ldg(x + u);  // shared memory / global
+            const uint4 a = CHUNKS > 1 ? x[swizzle(u)] : __ldg(x + u);  // shared memory / global
             if constexpr (BITS == 3) {
                 xp3[4 * j] = a.x; xp3[4 * j + 1] = a.y; xp3[4 * j + 2] = a.z; xp3[4 * j + 3] = a.w;
             } else if constexpr (BITS == 4) {  // word j of the chunk; x pairs (x_i, x_i+4)
@@ -213,7 +211,7 @@ __global__ void __launch_bounds__(WARPS * 32) gemv(const uint4* __restrict__ x, 
     constexpr bool XSMEM = CHUNKS > 1;
     __shared__ uint4 xs[XSMEM ? (K / 8 + 7) / 8 * 8 : 1];
     if constexpr (XSMEM) {
-        for (int u = threadIdx.x; u < K / 8; u += WARPS * 32) xs[swizzle<CHUNKS>(u)] = __ldg(x + u);
+        for (int u = threadIdx.x; u < K / 8; u += WARPS * 32) xs[swizzle(u)] = __ldg(x + u);
         __syncthreads();
     }
     #pragma unroll
