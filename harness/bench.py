@@ -128,7 +128,7 @@ def bench_layers(cfg: dict[str, Any], device: torch.device, dtype: torch.dtype) 
             with torch.no_grad():
                 reference = {p: _block_forward(layers, inputs[p])() for p in tokens}
             for backend in cfg["backends"]:
-                reason = next((r for m in layers.values() if (r := BACKENDS[backend].why_not(m, device))), None)
+                reason = next((r for m in layers.values() if (r := BACKENDS[backend].why_not(m.format, device))), None)
                 if reason:
                     rows.append({"shape": shape, "format": fmt, "backend": backend, "status": f"n/a: {reason}"})
                     continue

@@ -62,6 +62,7 @@ def records_to_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "dtype": model.get("dtype"), "device": r.get("env", {}).get("device"),
             "started_at": r.get("started_at"), "duration_s": r.get("duration_s"),
         }
+        row.update({f"time_{name}_s": v for name, v in (r.get("phases_s") or {}).items()})
         row.update(r.get("metrics", {}))
         rows.append(row)
     frame = pd.DataFrame(rows, columns=None if rows else list(RECORD_COLUMNS))

@@ -6,10 +6,10 @@ import logging
 import random
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -113,8 +113,9 @@ def run_point(cfg: dict[str, Any]) -> dict[str, Any]:
         "run_id": point.run_id, "status": "ok", "error": None, "config": cfg, "quant": point.spec.to_dict(),
         "env": results.environment(point.device), "started_at": started_at,
     }
+    phase = _Phases()
     try:
-        record.update(_evaluate(point))
+        record.update(_evaluate(point, phase))
     except UserError:
         raise
     except Exception as e:  # isolate the failure: record it, let the sweep go on
@@ -122,6 +123,7 @@ def run_point(cfg: dict[str, Any]) -> dict[str, Any]:
         record.update(status="failed", error={"type": type(e).__name__, "message": str(e),
                                               "traceback": traceback.format_exc()})
     record["duration_s"] = time.perf_counter() - start
+    record["phases_s"] = {**phase.seconds, "other": record["duration_s"] - sum(phase.seconds.values())}
     results.write_json_atomic(path, record)
     log.info("%s: %s, %.1f s, %s", point.run_id, record["status"], record["duration_s"], _headline(record))
     return record
@@ -138,33 +140,53 @@ def _headline(record: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4g}" for k, v in m.items() if k.startswith(("ppl/", "kl/")) or k == "bits_per_weight")
 
 
-def _evaluate(point: Point) -> dict[str, Any]:
+class _Phases:
+    """Wall seconds per phase of a point; what no phase covers is the point's overhead."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def _evaluate(point: Point, phase: _Phases) -> dict[str, Any]:
     cfg, ev = point.cfg, point.cfg["eval"]
-    loaded = load_model(cfg["model"], point.dtype, point.device, cfg["seed"])
-    model, tokenizer = loaded.model, loaded.tokenizer
-    texts = {name: data.tokenize(tokenizer, data.load_corpus(name), "eval") for name in ev["corpora"]}
-    windows = {name: data.eval_windows(t.ids, ev["seqlen"], ev["max_windows"]) for name, t in texts.items()}
-    reference_path = Path(cfg["out_dir"]) / "baseline" / f"{results.config_hash(point.baseline_key)}.pt"
-    reference = _load_reference(reference_path, texts)
-    baseline_linears = list(quantizers.arch.target_linears(model, point.spec.quantize_lm_head))
+    with phase("load"):
+        loaded = load_model(cfg["model"], point.dtype, point.device, cfg["seed"])
+        model, tokenizer = loaded.model, loaded.tokenizer
+        texts = {name: data.tokenize(tokenizer, data.load_corpus(name), "eval") for name in ev["corpora"]}
+        windows = {name: data.eval_windows(t.ids, ev["seqlen"], ev["max_windows"]) for name, t in texts.items()}
+        reference_path = Path(cfg["out_dir"]) / "baseline" / f"{results.config_hash(point.baseline_key)}.pt"
+        reference = _load_reference(reference_path, texts)
+        baseline_linears = list(quantizers.arch.target_linears(model, point.spec.quantize_lm_head))
+        if not point.spec.is_baseline:
+            plan_backends(point, model)
 
     if reference is None and not point.spec.is_baseline:
-        reference = {n: _quality_pass(model, w, None, ev["kl_topk"], f"baseline {n}") for n, w in windows.items()}
-        _save_reference(reference_path, reference, texts)
-        reference = {n: q.reference for n, q in reference.items()}
-    if not point.spec.is_baseline:
-        _check_backend(point, model)
-    task_folder, task_manager = _prepare_tasks(ev, cfg)
-    calib, calib_info = _calibration(point, tokenizer)
+        with phase("reference"):
+            reference = {n: _quality_pass(model, w, None, ev["kl_topk"], f"baseline {n}") for n, w in windows.items()}
+            _save_reference(reference_path, reference, texts)
+            reference = {n: q.reference for n, q in reference.items()}
+    with phase("task_setup"):
+        task_folder, task_manager = _prepare_tasks(ev, cfg)
+    with phase("calibration"):
+        calib, calib_info = _calibration(point, tokenizer)
 
-    start = time.perf_counter()
-    quantizers.quantize(model, point.spec, calib, progress=True)
-    quant_time_s = time.perf_counter() - start
-    kernels = quantizers.use_backend(model, point.backend)
+    with phase("quantize"):
+        start = time.perf_counter()
+        quantizers.quantize(model, point.spec, calib, progress=True)
+        quant_time_s = time.perf_counter() - start
+        kernels = quantizers.use_backend(model, point.backend)
 
     metrics: dict[str, float] = {"quant_time_s": quant_time_s}
     per_sample: dict[str, list[float]] = {}
-    with memory.PeakMemory(torch.device(point.device)) as peak:
+    with phase("quality"), memory.PeakMemory(torch.device(point.device)) as peak:
         for name, w in windows.items():
             ref = None if reference is None else reference[name]
             quality = _quality_pass(model, w, ref, ev["kl_topk"], f"eval {name}")
@@ -174,11 +196,13 @@ def _evaluate(point: Point) -> dict[str, Any]:
                 _save_reference(reference_path, {name: quality}, {name: texts[name]}, merge=True)
     metrics["peak_mem_bytes"] = peak.peak_bytes
     if task_folder is not None:
-        task_metrics, task_items = _task_metrics(model, tokenizer, ev, cfg, task_folder, task_manager)
+        with phase("tasks"):
+            task_metrics, task_items = _task_metrics(model, tokenizer, ev, cfg, task_folder, task_manager)
         metrics.update(task_metrics)
         per_sample.update(task_items)
     metrics.update(_size_metrics(model, baseline_linears))
-    metrics.update(_speed_metrics(model, windows[ev["corpora"][0]][0], ev["speed"]))
+    with phase("speed"):
+        metrics.update(_speed_metrics(model, windows[ev["corpora"][0]][0], ev["speed"]))
     return {
         "model": loaded.info,
         "data": {"eval": {n: {**t.describe(), "windows": windows[n].shape[0], "seqlen": ev["seqlen"]}
@@ -219,14 +243,15 @@ def _task_metrics(model: nn.Module, tokenizer, ev: dict[str, Any], cfg: dict[str
     return metrics, items
 
 
-def _check_backend(point: Point, model: nn.Module) -> None:
-    """A named backend that cannot serve the format or a layer's shape fails before any quantization."""
+def plan_backends(point: Point, model: nn.Module) -> dict[str, str]:
+    """The backend each layer will get, from the spec and the layers' shapes alone, before any work: a named
+    backend that cannot serve the format or a layer's shape is refused here (UserError)."""
     spec, device = point.spec, torch.device(point.device)
-    layers = {name: (SimpleNamespace(bits=spec.bits, group_size=spec.group_size, in_features=m.in_features,
-                                     out_features=m.out_features), device)
+    layers = {name: (quantizers.LayerFormat(m.in_features, m.out_features, spec.bits, spec.group_size, spec.sym),
+                     device)
               for name, m in quantizers.arch.target_linears(model, spec.quantize_lm_head).items()}
     try:
-        quantizers.check_backend(point.backend, layers)
+        return quantizers.check_backend(point.backend, layers)
     except quantizers.BackendError as e:
         raise UserError(str(e)) from None
 

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from . import grid, packing
 from .kernels import BACKENDS
+from .kernels.layer_format import LayerFormat
 
 
 class QuantLinear(nn.Module):
@@ -46,6 +47,10 @@ class QuantLinear(nn.Module):
         if not sym:
             layer.zeros.copy_(params.zero)
         return layer
+
+    @property
+    def format(self) -> LayerFormat:
+        return LayerFormat(self.in_features, self.out_features, self.bits, self.group_size, self.sym)
 
     def grid_params(self) -> grid.GridParams:
         zero = self.zeros

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import quantizers
-from quantizers import QuantLinear, QuantSpec, grid
+from quantizers import LayerFormat, QuantLinear, QuantSpec, grid
 from quantizers.kernels import BACKENDS, BackendError, choose, cuda_gemv, triton_lowbit, triton_pairs, use_backend
 from quantizers.kernels.torch_ref import dequantize_matmul
 
@@ -73,9 +73,9 @@ def test_cpu_int4_matches_the_reference(group_size, sym):
 
 def test_auto_picks_a_backend_per_format_and_falls_back():
     cpu = torch.device("cpu")
-    assert choose(quant_linear(16, 256, 4, 64, False), cpu) == "cpu_int4"
-    assert choose(quant_linear(16, 576, 4, 128, False), cpu) == "torch"  # ragged group: int4 kernel cannot
-    assert choose(quant_linear(16, 256, 3, 64, False), cpu) == "torch"
+    assert choose(LayerFormat(256, 16, 4, 64, False), cpu) == "cpu_int4"
+    assert choose(LayerFormat(576, 16, 4, 128, False), cpu) == "torch"  # ragged group: int4 kernel cannot
+    assert choose(LayerFormat(256, 16, 3, 64, False), cpu) == "torch"
     model = torch.nn.Sequential(quant_linear(16, 256, 4, 64, False), quant_linear(16, 256, 3, 64, False))
     assert use_backend(model, "auto") == {"cpu_int4": 1, "torch": 1}
     assert [m.backend for m in model] == ["cpu_int4", "torch"]
@@ -93,14 +93,14 @@ def test_a_named_backend_that_cannot_serve_says_which_can():
 
 def test_cuda_gemv_says_which_formats_it_cannot_serve_before_asking_the_device():
     cuda = torch.device("cuda")  # never touched: the format is refused first
-    assert "serves 3, 4, 8-bit weights, not 2-bit" in cuda_gemv.why_not(quant_linear(8, 256, 2, 64, False), cuda)
+    assert "serves 3, 4, 8-bit weights, not 2-bit" in cuda_gemv.why_not(LayerFormat(256, 8, 2, 64, False), cuda)
     assert "at 3 bits it needs a width and groups in multiples of 32 columns, not a width of 200" in cuda_gemv.why_not(
-        quant_linear(8, 200, 3, 64, False), cuda)
+        LayerFormat(200, 8, 3, 64, False), cuda)
     assert "multiples of 32 columns, not a width of 200 with groups of 128" in cuda_gemv.why_not(
-        quant_linear(8, 200, 4, 128, False), cuda)
-    assert "not a width of 192 with groups of 48" in cuda_gemv.why_not(quant_linear(8, 192, 4, 48, False), cuda)
-    assert "multiples of 16 columns, not a width of 200" in cuda_gemv.why_not(quant_linear(8, 200, 8, -1, True), cuda)
-    assert "CUDA only" in BACKENDS["cuda"].why_not(quant_linear(8, 256, 4, 64, False), torch.device("cpu"))
+        LayerFormat(200, 8, 4, 128, False), cuda)
+    assert "not a width of 192 with groups of 48" in cuda_gemv.why_not(LayerFormat(192, 8, 4, 48, False), cuda)
+    assert "multiples of 16 columns, not a width of 200" in cuda_gemv.why_not(LayerFormat(200, 8, 8, -1, True), cuda)
+    assert "CUDA only" in BACKENDS["cuda"].why_not(LayerFormat(256, 8, 4, 64, False), torch.device("cpu"))
     with pytest.raises(BackendError, match="CUDA only.*backends that can: torch"):
         use_backend(torch.nn.Sequential(quant_linear(8, 256, 4, 64, False)), "cuda")
 
@@ -108,15 +108,15 @@ def test_cuda_gemv_says_which_formats_it_cannot_serve_before_asking_the_device()
 def test_auto_on_cuda_picks_the_cuda_gemv_where_it_serves_and_triton_otherwise(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # as an H100 says
     cuda = torch.device("cuda")
-    assert choose(quant_linear(8, 576, 4, 128, False), cuda) == "cuda"  # ragged last group: fine
-    assert choose(quant_linear(8, 256, 4, -1, True), cuda) == "cuda"
-    assert choose(quant_linear(8, 208, 8, 16, False), cuda) == "cuda"
-    assert choose(quant_linear(8, 200, 4, 64, False), cuda) == "triton"
-    assert choose(quant_linear(8, 200, 8, -1, True), cuda) == "triton"
-    assert choose(quant_linear(8, 576, 3, 128, False), cuda) == "cuda"
-    assert choose(quant_linear(8, 300, 3, 128, False), cuda) == "triton"
+    assert choose(LayerFormat(576, 8, 4, 128, False), cuda) == "cuda"  # ragged last group: fine
+    assert choose(LayerFormat(256, 8, 4, -1, True), cuda) == "cuda"
+    assert choose(LayerFormat(208, 8, 8, 16, False), cuda) == "cuda"
+    assert choose(LayerFormat(200, 8, 4, 64, False), cuda) == "triton"
+    assert choose(LayerFormat(200, 8, 8, -1, True), cuda) == "triton"
+    assert choose(LayerFormat(576, 8, 3, 128, False), cuda) == "cuda"
+    assert choose(LayerFormat(300, 8, 3, 128, False), cuda) == "triton"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    assert "sm_80" in cuda_gemv.why_not(quant_linear(8, 256, 4, 64, False), cuda)
+    assert "sm_80" in cuda_gemv.why_not(LayerFormat(256, 8, 4, 64, False), cuda)
 
 
 def test_cuda_backend_sends_activations_its_gemv_does_not_take_to_triton_and_says_so(caplog):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import functools
+import hashlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,18 @@ METRICS = ("acc", "acc_norm", "perplexity")
 
 
 def task_manager(include_path: Path | None):
+    """lm-eval's TaskManager over its own tasks and the YAMLs in `include_path`. Building one indexes every
+    task lm-eval ships (seconds), so one is kept per folder and content of its YAMLs for the process."""
+    fingerprint = "" if include_path is None else "".join(
+        p.name + hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(include_path).glob("*.yaml")))
+    return _task_manager(str(include_path) if include_path else None, fingerprint)
+
+
+@functools.lru_cache(maxsize=4)
+def _task_manager(include_path: str | None, fingerprint: str):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(include_path) if include_path else None, verbosity="ERROR")
+    return TaskManager(include_path=include_path, verbosity="ERROR")
 
 
 def check_task_names(names: list[str], manager) -> None:

@@ -17,6 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from . import int4pack
+from .layer_format import LayerFormat
+
+__all__ = ["BACKENDS", "Backend", "BackendError", "LayerFormat", "check_backend", "choose", "serving", "use_backend"]
 from .torch_ref import dequantize_matmul
 
 log = logging.getLogger(__name__)
@@ -25,17 +28,17 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Backend:
     name: str
-    why_not: Callable[[nn.Module, torch.device], str | None]  # None when it can serve the layer there
+    why_not: Callable[[LayerFormat, torch.device], str | None]  # None when it can serve such a layer there
     forward: Callable[[Tensor, nn.Module], Tensor]
     prepare: Callable[[nn.Module], None] = lambda layer: None  # convert the storage once, at load time
     summary: str = ""
 
 
-def _always(layer: nn.Module, device: torch.device) -> str | None:
+def _always(layer: LayerFormat, device: torch.device) -> str | None:
     return None
 
 
-def _triton_why_not(layer: nn.Module, device: torch.device) -> str | None:
+def _triton_why_not(layer: LayerFormat, device: torch.device) -> str | None:
     if device.type != "cuda":
         return "it runs on CUDA only"
     if importlib.util.find_spec("triton") is None:
@@ -48,7 +51,7 @@ def _warn_once(message: str) -> None:
     log.warning(message)
 
 
-def _cuda_why_not(layer: nn.Module, device: torch.device) -> str | None:
+def _cuda_why_not(layer: LayerFormat, device: torch.device) -> str | None:
     from . import cuda_gemv
 
     if device.type != "cuda":
@@ -117,11 +120,11 @@ class BackendError(ValueError):
     """A backend was named that cannot serve a layer; the message says which backends can."""
 
 
-def serving(layer: nn.Module, device: torch.device) -> list[str]:
+def serving(layer: LayerFormat, device: torch.device) -> list[str]:
     return [name for name, b in BACKENDS.items() if b.why_not(layer, device) is None]
 
 
-def choose(layer: nn.Module, device: torch.device) -> str:
+def choose(layer: LayerFormat, device: torch.device) -> str:
     preference = PREFERENCE.get(device.type, ("torch",))
     return next(name for name in preference if BACKENDS[name].why_not(layer, device) is None)
 
@@ -133,16 +136,16 @@ def use_backend(model: nn.Module, name: str = "auto") -> dict[str, int]:
     from ..linear import QuantLinear
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    chosen = check_backend(name, {n: (m, m.qweight.device) for n, m in layers.items()})
+    chosen = check_backend(name, {n: (m.format, m.qweight.device) for n, m in layers.items()})
     for layer_name, layer in layers.items():
         BACKENDS[chosen[layer_name]].prepare(layer)
         layer.backend = chosen[layer_name]
     return dict(Counter(chosen.values()))
 
 
-def check_backend(name: str, layers: dict[str, tuple[object, torch.device]]) -> dict[str, str]:
-    """The backend each layer would get; `layers` maps a name to (anything with bits, group_size,
-    in_features, out_features, device). Raises BackendError for a named backend that cannot serve one."""
+def check_backend(name: str, layers: dict[str, tuple[LayerFormat, torch.device]]) -> dict[str, str]:
+    """The backend each layer would get; `layers` maps a name to (its format, its device). The same
+    answer before quantization as after it. Raises BackendError for a named backend that cannot serve one."""
     if name != "auto" and name not in BACKENDS:
         raise BackendError(f"quant.backend={name!r} is not known: use auto or one of {', '.join(BACKENDS)}")
     chosen = {}

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .layer_format import LayerFormat
+
 SOURCE = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -277,12 +279,12 @@ def launch_config(bits: int, out_features: int, in_features: int, group: int) ->
     return LaunchConfig(rows=4 if out_features >= 16384 else 2, warps=4, batch=4, prefetch=False)
 
 
-def _group(layer: nn.Module) -> int:
-    return layer.in_features if layer.scales.shape[1] == 1 else layer.group_size
+def _group(fmt: LayerFormat) -> int:
+    return fmt.in_features if fmt.one_group else fmt.group_size
 
 
-def why_not(layer: nn.Module, device: torch.device) -> str | None:
-    """Why this GEMV cannot serve the layer on the device, or None."""
+def why_not(layer: LayerFormat, device: torch.device) -> str | None:
+    """Why this GEMV cannot serve such a layer on the device, or None (from its format alone)."""
     if layer.bits not in SLICE:
         return f"its GEMV serves {', '.join(map(str, sorted(SLICE)))}-bit weights, not {layer.bits}-bit"
     codes = SLICE[layer.bits]
@@ -311,8 +313,9 @@ def _kernel(bits: int, k: int, group: int, sym: bool, config: LaunchConfig):
 def gemv(x: Tensor, layer: nn.Module) -> Tensor:
     """x (K,) bf16 -> (N,) bf16 through the packed weights."""
     n = layer.out_features
-    config = launch_config(layer.bits, n, layer.in_features, _group(layer))
-    kernel = _kernel(layer.bits, layer.in_features, _group(layer), layer.sym, config)
+    group = _group(layer.format)
+    config = launch_config(layer.bits, n, layer.in_features, group)
+    kernel = _kernel(layer.bits, layer.in_features, group, layer.sym, config)
     out = torch.empty(n, device=x.device, dtype=x.dtype)
     zeros = layer.scales if layer.sym else layer.zeros  # unused when symmetric
     blocks = -(-n // (config.rows * config.warps))

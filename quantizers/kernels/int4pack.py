@@ -10,11 +10,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .layer_format import LayerFormat
+
 GROUP_SIZES = (32, 64, 128, 256)
 INNER_K_TILES = 8  # K must be a multiple of INNER_K_TILES * 16 for the CUDA layout
 
 
-def _format_why_not(layer: nn.Module, k_multiple: int) -> str | None:
+def _format_why_not(layer: LayerFormat, k_multiple: int) -> str | None:
     if layer.bits != 4:
         return f"it serves 4-bit weights only, not {layer.bits}-bit"
     if layer.group_size not in GROUP_SIZES:
@@ -27,13 +29,13 @@ def _format_why_not(layer: nn.Module, k_multiple: int) -> str | None:
     return None
 
 
-def tinygemm_why_not(layer: nn.Module, device: torch.device) -> str | None:
+def tinygemm_why_not(layer: LayerFormat, device: torch.device) -> str | None:
     if device.type != "cuda":
         return "it runs on CUDA only (on the CPU: cpu_int4)"
     return _format_why_not(layer, INNER_K_TILES * 16)
 
 
-def cpu_why_not(layer: nn.Module, device: torch.device) -> str | None:
+def cpu_why_not(layer: LayerFormat, device: torch.device) -> str | None:
     if device.type != "cpu":
         return "it runs on the CPU only (on CUDA: tinygemm)"
     return _format_why_not(layer, 2)
