@@ -4,6 +4,10 @@ import sys
 
 # Triton kernels run in Triton's CPU interpreter here; it must be chosen before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Converted models and other reusable work go to a folder of this test session, never the user's cache.
+import tempfile  # noqa: E402
+
+os.environ["QUANTBENCH_CACHE"] = tempfile.mkdtemp(prefix="quantbench-test-cache-")
 from pathlib import Path
 
 import pytest

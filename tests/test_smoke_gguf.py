@@ -3,7 +3,9 @@
 import importlib.metadata as md
 
 import pytest
+import torch
 
+from harness import models
 from harness.sweep import run_point
 
 try:
@@ -31,3 +33,17 @@ def test_rtn_4bit_on_the_real_model_is_sane_and_worse_than_the_baseline(tmp_path
     assert rtn["metrics"]["ppl/pydoc"] > base["metrics"]["ppl/pydoc"]
     assert rtn["metrics"]["kl/pydoc"] > 0.01 and rtn["metrics"]["top1/pydoc"] < 1
     assert 4.0 < rtn["metrics"]["bits_per_weight"] < 4.5
+
+
+def test_a_gguf_is_converted_once_and_the_copy_is_the_same_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path))
+    path, dtype = models.Path(models.resolve_source({"name": point(tmp_path, {})["model"]["name"]})[1]), torch.float32
+    first, first_tok, first_format = models._load_gguf_cached(path, dtype)
+    [folder] = (tmp_path / "gguf").iterdir()
+    again, again_tok, again_format = models._load_gguf_cached(path, dtype)  # from the converted folder
+    assert first_format == again_format == "gguf Q4_1"
+    a, b = first.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    text = "def f(x):\n    return x ** 2  # Ünïcode\n\nThe quick brown fox."
+    assert first_tok(text)["input_ids"] == again_tok(text)["input_ids"]
+    assert (folder / "model.safetensors").exists() and (folder / "quantbench.json").exists()

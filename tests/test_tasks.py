@@ -58,6 +58,8 @@ def test_harness_scores_equal_plain_lm_eval(tiny, task_dir):
         assert ours[task]["n"] == 12
         assert ours[task]["metrics"]["acc"] == pytest.approx(plain["results"][task]["acc,none"])
         assert sum(ours[task]["items"]["acc"]) / 12 == pytest.approx(ours[task]["metrics"]["acc"])
+        # our stderr from the items (lm-eval's own bootstrap is skipped for speed) is lm-eval's
+        assert ours[task]["metrics"]["acc_stderr"] == pytest.approx(plain["results"][task]["acc_stderr,none"])
     assert ours["qb_continuation"]["metrics"]["acc_norm"] == pytest.approx(
         plain["results"]["qb_continuation"]["acc_norm,none"])
 

@@ -6,6 +6,7 @@ import difflib
 import functools
 import hashlib
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -54,19 +55,30 @@ def evaluate_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], include_p
     check_task_names(tasks, manager)
     logging.getLogger("lm-eval").setLevel(logging.ERROR)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    # bootstrap_iters=0: lm-eval's bootstrap of perplexity's stderr took seconds per point in a process
+    # pool; each accuracy's stderr is computed below from the items, as lm-eval's mean_stderr does.
     out = simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                           log_samples=True, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
-                          fewshot_random_seed=seed)
+                          fewshot_random_seed=seed, bootstrap_iters=0)
     results = {}
     for task in tasks:
         raw = out["results"][task]
         metrics = {}
         for key, value in raw.items():
             metric, _, _filter = key.partition(",")
-            base = metric.removesuffix("_stderr")
-            if base in METRICS and isinstance(value, (int, float)):
+            if metric in METRICS and isinstance(value, (int, float)):
                 metrics[metric] = float(value)
         samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
         items = {m: [float(s[m]) for s in samples] for m in ("acc", "acc_norm") if samples and m in samples[0]}
+        metrics.update({f"{m}_stderr": _mean_stderr(v) for m, v in items.items()})
         results[task] = {"metrics": metrics, "items": items, "n": len(samples)}
     return results
+
+
+def _mean_stderr(values: list[float]) -> float:
+    """The standard error of a mean: sample standard deviation / √n."""
+    n = len(values)
+    if n < 2:
+        return math.nan
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
