@@ -33,12 +33,19 @@ class LoadedModel:
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """auto: bfloat16 on a GPU and on a CPU with bf16 matrix units (AMX or AVX512-BF16), float32 elsewhere,
+    where bf16 matmuls are emulated and slower than float32."""
     if dtype == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
+        return torch.bfloat16 if device == "cuda" or cpu_has_bf16_matmul() else torch.float32
     try:
         return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
     except KeyError:
         raise UserError(f"dtype={dtype!r} is not known: use auto, bfloat16, float16 or float32") from None
+
+
+def cpu_has_bf16_matmul() -> bool:
+    probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+    return any(probe is not None and probe() for probe in probes)
 
 
 def resolve_device(device: str) -> str:

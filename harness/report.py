@@ -45,6 +45,10 @@ def report_blocks(records: list[dict], selection: dict | None, pngs: list[Path],
         blocks += [("p", f"**Verdict:** {selection['verdict']}"), ("p", f"Quality bar: {policy_text(selection)}.")]
         blocks += [("h2", "What it means"), ("p", _capacity_intro()), capacity_table(selection, records)]
         blocks += [("h2", "Results"), results_table(selection)]
+        notes = sorted({p["speed_note"] for p in selection["points"] if p.get("speed_note")})
+        if notes:
+            blocks.append(("p", "Speed: " + "; ".join(notes) + ". Quality was measured on the same values "
+                           "(dequantized once)."))
         failing = [p for p in selection["points"] if not p["passed"] and not p["is_baseline"]]
         if failing:
             blocks += [("h2", "Why points fail"), ("ul", [f"{p['label']}: {'; '.join(p['reasons'])}" for p in failing])]
@@ -103,7 +107,8 @@ def results_table(selection: dict[str, Any]) -> Block:
     """Every point: size, each check as estimate [bound], speed against the baseline, pass or fail."""
     base = next(p for p in selection["points"] if p["is_baseline"])
     checks = [c["name"] for c in base["checks"]]
-    header = ["point", "bits/weight", "weight MB"] + [_check_header(c) for c in checks] + ["decode tok/s", "bar"]
+    header = (["point", "bits/weight", "weight MB"] + [_check_header(c) for c in checks]
+              + ["decode tok/s", "windows · items", "bar"])
     rows = []
     order = sorted(selection["points"], key=lambda p: (not p["is_baseline"], -(p["bits_per_weight"] or 0), p["label"]))
     for p in order:
@@ -111,12 +116,24 @@ def results_table(selection: dict[str, Any]) -> Block:
         row = [p["label"] + mark, _fmt(p["bits_per_weight"], ".2f"), _fmt((p["weight_bytes"] or math.nan) / 1e6, ".1f")]
         found = {c["name"]: c for c in p["checks"]}
         row += [_check_cell(found.get(name)) for name in checks]
-        speed = p["decode_tok_s"]
-        ratio = f" ({speed / base['decode_tok_s']:.2f}×)" if speed and base["decode_tok_s"] else ""
-        row.append(_fmt(speed, ".1f") + ratio)
+        row.append(_speed_cell(p, base))
+        stopped = " (stopped early)" if p.get("stopped_early") else ""
+        row.append(f"{p.get('windows', 0)} · {p.get('items', 0)}{stopped}")
         row.append("pass" if p["passed"] else "fail")
         rows.append(row)
     return ("table", header, rows)
+
+
+def _speed_cell(point: dict, base: dict) -> str:
+    """Decode tok/s and its ratio to the baseline's; a point without a kernel for its format on this device
+    says so, and a kernel slower than the dense baseline is named as such, not shown as the format's cost."""
+    speed, base_speed = point["decode_tok_s"], base["decode_tok_s"]
+    if speed is None:
+        return "no kernel here" if point.get("speed_note") else ""
+    if not base_speed or point["is_baseline"]:
+        return _fmt(speed, ".1f")
+    ratio = speed / base_speed
+    return f"{speed:.1f} ({ratio:.2f}×{'; kernel slower than dense' if ratio < 1 else ''})"
 
 
 def _check_header(name: str) -> str:

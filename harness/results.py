@@ -60,7 +60,7 @@ def records_to_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "bits": quant.get("bits"), "group_size": quant.get("group_size"), "sym": quant.get("sym"),
             "model": model.get("name"), "params": model.get("params"), "source_format": model.get("source_format"),
             "dtype": model.get("dtype"), "device": r.get("env", {}).get("device"),
-            "started_at": r.get("started_at"), "duration_s": r.get("duration_s"),
+            "started_at": r.get("started_at"), "duration_s": r.get("duration_s"), "speed_note": r.get("speed_note"),
         }
         row.update({f"time_{name}_s": v for name, v in (r.get("phases_s") or {}).items()})
         row.update(r.get("metrics", {}))

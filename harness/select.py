@@ -87,7 +87,8 @@ def _names(policy: dict[str, Any], key: str, known: list[str], what: str) -> lis
     return chosen
 
 
-def _threshold(policy: dict[str, Any], key: str, name: str) -> float | None:
+def threshold_for(policy: Mapping[str, Any], key: str, name: str) -> float | None:
+    """A check's threshold: one number for all, or a {name: number} mapping (unnamed: unchecked)."""
     value = policy.get(key)
     return value.get(name) if isinstance(value, Mapping) else value
 
@@ -157,7 +158,7 @@ class _Judge:
             b, p = _task_samples(self.base, t, self.policy["task_metric"]), _task_samples(record, t,
                                                                                           self.policy["task_metric"])
             if p is None or len(p) != len(b):
-                out.append(_unpaired(f"task/{t}"))
+                out.append(_unpaired(f"task/{t}", record.get("stopped_early")))
                 continue
             bound, reps = stats.accuracy_drop(b, p, self.index(f"task/{t}", len(b)), self.confidence)
             drops.append(bound)
@@ -169,7 +170,7 @@ class _Judge:
         return out
 
     def _check(self, name: str, key: str, item: str, bound: stats.Bound, unit: str) -> dict[str, Any]:
-        threshold = self.policy.get(key) if key == "max_mean_task_drop" else _threshold(self.policy, key, item)
+        threshold = self.policy.get(key) if key == "max_mean_task_drop" else threshold_for(self.policy, key, item)
         passed = threshold is None or bound.upper <= threshold
         reason = None if passed else (f"{name} bound {bound.upper:+.4g}{unit} > {threshold}{unit} "
                                       f"(estimate {bound.estimate:+.4g}{unit})")
@@ -191,9 +192,12 @@ def _corpus(record: dict[str, Any], corpus: str) -> tuple:
     return d.get("sha256"), d.get("seqlen"), d.get("windows")
 
 
-def _unpaired(name: str) -> dict[str, Any]:
+def _unpaired(name: str, stopped_early: str | None = None) -> dict[str, Any]:
+    reason = (f"{name} not run: the point was beyond the bar after its windows ({stopped_early}); "
+              "eval.adaptive=false measures every point whole") if stopped_early else (
+              f"{name} not measured on the baseline's windows or items")
     return {"name": name, "estimate": math.nan, "upper": math.nan, "lower": math.nan, "units": 0, "threshold": None,
-            "passed": False, "reason": f"{name} not measured on the baseline's windows or items", "better": False}
+            "passed": False, "reason": reason, "better": False}
 
 
 def select(records: list[dict[str, Any]], policy: dict[str, Any]) -> dict[str, Any]:
@@ -208,6 +212,11 @@ def select(records: list[dict[str, Any]], policy: dict[str, Any]) -> dict[str, A
                  "is_baseline": record is base, "status": record["status"]}
         metrics = record.get("metrics", {})
         point.update({k: metrics.get(k) for k in ("weight_bytes", "bits_per_weight", "decode_tok_s")})
+        point["speed_note"] = record.get("speed_note")
+        point["stopped_early"] = record.get("stopped_early")
+        samples = record.get("per_sample", {})
+        point["windows"] = sum(len(v) for k, v in samples.items() if k.startswith("nll/"))
+        point["items"] = sum(len(v) for k, v in samples.items() if k.startswith("task/") and k.endswith("/acc"))
         if record["status"] != "ok":
             point.update(checks=[], passed=False, reasons=[f"the run failed: {record.get('error', {}).get('message')}"])
         else:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 import quantizers
 from quantizers import QuantSpec, QuantSpecError
 
-from . import data, offline_tasks, results
+from . import adaptive, data, offline_tasks, results
 from .errors import UserError
 from .metrics import divergence, memory, perplexity, speed, tasks
 from .models import load_model, resolve_device, resolve_dtype, resolve_source
@@ -94,6 +94,9 @@ def _validate_eval(ev: dict[str, Any]) -> None:
         raise UserError(f"eval.tasks={ev['tasks']!r} must be a list of lm-eval task names, e.g. [qb_arithmetic]")
     if ev.get("task_limit") is not None and (not isinstance(ev["task_limit"], int) or ev["task_limit"] < 1):
         raise UserError(f"eval.task_limit={ev['task_limit']!r} must be a positive integer, or null for all items")
+    confidence = ev.get("adaptive_confidence", 0.995)
+    if not isinstance(confidence, float) or not 0.5 <= confidence < 1:
+        raise UserError(f"eval.adaptive_confidence={confidence!r} must be a number in [0.5, 1), e.g. 0.995")
     for key in ("prompt_tokens", "decode_tokens", "repeats"):
         if not isinstance(ev["speed"].get(key), int) or ev["speed"][key] < 1:
             raise UserError(f"eval.speed.{key}={ev['speed'].get(key)!r} must be a positive integer")
@@ -163,16 +166,17 @@ def _evaluate(point: Point, phase: _Phases) -> dict[str, Any]:
         texts = {name: data.tokenize(tokenizer, data.load_corpus(name), "eval") for name in ev["corpora"]}
         windows = {name: data.eval_windows(t.ids, ev["seqlen"], ev["max_windows"]) for name, t in texts.items()}
         reference_path = Path(cfg["out_dir"]) / "baseline" / f"{results.config_hash(point.baseline_key)}.pt"
-        reference = _load_reference(reference_path, texts)
+        reference, reference_nll = _load_reference(reference_path, texts)
         baseline_linears = list(quantizers.arch.target_linears(model, point.spec.quantize_lm_head))
         if not point.spec.is_baseline:
             plan_backends(point, model)
 
     if reference is None and not point.spec.is_baseline:
         with phase("reference"):
-            reference = {n: _quality_pass(model, w, None, ev["kl_topk"], f"baseline {n}") for n, w in windows.items()}
-            _save_reference(reference_path, reference, texts)
-            reference = {n: q.reference for n, q in reference.items()}
+            passes = {n: _quality_pass(model, w, None, ev["kl_topk"], f"baseline {n}") for n, w in windows.items()}
+            _save_reference(reference_path, passes, texts)
+            reference = {n: q.reference for n, q in passes.items()}
+            reference_nll = {n: q.nll_per_window for n, q in passes.items()}
     with phase("task_setup"):
         task_folder, task_manager = _prepare_tasks(ev, cfg)
     with phase("calibration"):
@@ -186,23 +190,29 @@ def _evaluate(point: Point, phase: _Phases) -> dict[str, Any]:
 
     metrics: dict[str, float] = {"quant_time_s": quant_time_s}
     per_sample: dict[str, list[float]] = {}
-    with phase("quality"), memory.PeakMemory(torch.device(point.device)) as peak:
-        for name, w in windows.items():
-            ref = None if reference is None else reference[name]
-            quality = _quality_pass(model, w, ref, ev["kl_topk"], f"eval {name}")
-            metrics.update(quality.metrics(name))
-            per_sample.update(quality.per_sample(name))
-            if reference is None:  # the baseline point made the reference itself
-                _save_reference(reference_path, {name: quality}, {name: texts[name]}, merge=True)
-    metrics["peak_mem_bytes"] = peak.peak_bytes
-    if task_folder is not None:
-        with phase("tasks"):
-            task_metrics, task_items = _task_metrics(model, tokenizer, ev, cfg, task_folder, task_manager)
-        metrics.update(task_metrics)
-        per_sample.update(task_items)
+    # quality depends on the weights' values, not the kernel: where the kernels would dequantize at every
+    # call, the many-token passes use the same values dequantized once
+    with quantizers.dequantized_once(model, point.dtype):
+        with phase("quality"), memory.PeakMemory(torch.device(point.device)) as peak:
+            for name, w in windows.items():
+                ref = None if reference is None else reference[name]
+                quality = _quality_pass(model, w, ref, ev["kl_topk"], f"eval {name}")
+                metrics.update(quality.metrics(name))
+                per_sample.update(quality.per_sample(name))
+                if reference is None:  # the baseline point made the reference itself
+                    _save_reference(reference_path, {name: quality}, {name: texts[name]}, merge=True)
+        metrics["peak_mem_bytes"] = peak.peak_bytes
+        stopped = _decided_fail(point, reference_nll, per_sample)
+        if task_folder is not None and stopped is None:
+            with phase("tasks"):
+                task_metrics, task_items = _task_metrics(model, tokenizer, ev, cfg, task_folder, task_manager)
+            metrics.update(task_metrics)
+            per_sample.update(task_items)
     metrics.update(_size_metrics(model, baseline_linears))
-    with phase("speed"):
-        metrics.update(_speed_metrics(model, windows[ev["corpora"][0]][0], ev["speed"]))
+    speed_note = no_kernel_note(point, kernels)
+    if speed_note is None:
+        with phase("speed"):
+            metrics.update(_speed_metrics(model, windows[ev["corpora"][0]][0], ev["speed"]))
     return {
         "model": loaded.info,
         "data": {"eval": {n: {**t.describe(), "windows": windows[n].shape[0], "seqlen": ev["seqlen"]}
@@ -210,6 +220,8 @@ def _evaluate(point: Point, phase: _Phases) -> dict[str, Any]:
         "metrics": metrics,
         "per_sample": per_sample,
         "kernels": kernels,  # QuantLinear layers per backend
+        "speed_note": speed_note,
+        "stopped_early": stopped,  # why the point's tasks were not run (adaptive evaluation), or None
     }
 
 
@@ -311,14 +323,17 @@ def _quality_pass(model: nn.Module, windows: Tensor, reference: divergence.TopKR
     return QualityResult(nll, torch.cat(kl), torch.cat(top1), n)
 
 
-def _load_reference(path: Path, texts: dict[str, data.TokenizedText]) -> dict[str, divergence.TopKReference] | None:
+def _load_reference(path: Path, texts: dict[str, data.TokenizedText]
+                    ) -> tuple[dict[str, divergence.TopKReference] | None, dict[str, list[float]] | None]:
+    """The baseline's top-k log-probabilities and NLL per window, per corpus; (None, None) if not made yet."""
     if not path.exists():
-        return None
+        return None, None
     saved = torch.load(path, weights_only=True)
     if any(name not in saved or saved[name]["sha256"] != t.sha256 for name, t in texts.items()):
         log.warning("baseline reference %s was made on other text: recomputing it", path)
-        return None
-    return {name: divergence.TopKReference(saved[name]["logprobs"], saved[name]["ids"]) for name in texts}
+        return None, None
+    return ({name: divergence.TopKReference(saved[name]["logprobs"], saved[name]["ids"]) for name in texts},
+            {name: list(saved[name]["nll_per_window"]) for name in texts})
 
 
 def _save_reference(path: Path, quality: dict[str, QualityResult], texts: dict[str, data.TokenizedText],
@@ -343,9 +358,36 @@ def _size_metrics(model: nn.Module, target_names: list[str]) -> dict[str, float]
     return out
 
 
+def _decided_fail(point: Point, reference_nll: dict[str, list[float]] | None,
+                  per_sample: dict[str, list[float]]) -> str | None:
+    ev = point.cfg["eval"]
+    if point.spec.is_baseline or not ev.get("adaptive") or not reference_nll or not _task_names(ev):
+        return None
+    corpora = list(reference_nll)
+    reason = adaptive.decided_fail(reference_nll, {c: per_sample[f"nll/{c}"] for c in corpora},
+                                   {c: per_sample[f"kl/{c}"] for c in corpora if f"kl/{c}" in per_sample},
+                                   point.cfg.get("select") or {}, float(ev.get("adaptive_confidence", 0.995)))
+    if reason:
+        log.info("%s: beyond the bar after its windows (%s): its tasks are not run (eval.adaptive=false runs them)",
+                 point.run_id, reason)
+    return reason
+
+
+def no_kernel_note(point: Point, kernels: dict[str, int]) -> str | None:
+    """Why the speed of this point is not measured, or None: under `auto`, layers left on the reference
+    (no kernel of this device serves the format) would be timed dequantizing every weight at every step,
+    a property of the missing kernel, not of the format."""
+    if point.backend != "auto" or not kernels.get("torch"):
+        return None
+    return (f"no {point.device} kernel for {point.spec.label} ({kernels['torch']} layers would dequantize at every "
+            "step): speed not measured")
+
+
 def _speed_metrics(model: nn.Module, window: Tensor, sp: dict[str, Any]) -> dict[str, float]:
     prompt = window[: sp["prompt_tokens"]]
-    return {
-        "prefill_tok_s": speed.prefill_tok_s(model, prompt, sp["repeats"], sp["warmup"]),
-        "decode_tok_s": speed.decode_tok_s(model, prompt, sp["decode_tokens"], sp["repeats"], sp["warmup"]),
-    }
+    prefill = speed.prefill_times_s(model, prompt, sp["repeats"], sp["warmup"])
+    decode = speed.decode_times_s(model, prompt, sp["decode_tokens"], sp["repeats"], sp["warmup"])
+    (prefill_tok_s, prefill_spread), (decode_tok_s, decode_spread) = (
+        speed.rate_and_spread(prompt.numel(), prefill), speed.rate_and_spread(sp["decode_tokens"], decode))
+    return {"prefill_tok_s": prefill_tok_s, "prefill_spread_pct": prefill_spread,
+            "decode_tok_s": decode_tok_s, "decode_spread_pct": decode_spread}

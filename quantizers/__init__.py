@@ -2,11 +2,11 @@
 
 from . import awq, baseline, gptq, rtn  # noqa: F401  (registers the methods)
 from .kernels import BACKENDS, BackendError, LayerFormat, check_backend, use_backend
-from .linear import QuantLinear
+from .linear import QuantLinear, dequantized_once
 from .registry import QUANTIZERS, get_quantizer, quantize, register
 from .spec import QuantSpec, QuantSpecError
 
 __all__ = [
     "BACKENDS", "QUANTIZERS", "BackendError", "LayerFormat", "QuantLinear", "QuantSpec", "QuantSpecError",
-    "check_backend", "get_quantizer", "quantize", "register", "use_backend",
+    "check_backend", "dequantized_once", "get_quantizer", "quantize", "register", "use_backend",
 ]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
@@ -62,6 +65,9 @@ class QuantLinear(nn.Module):
         return packing.unpack(self.qweight, self.bits, self.in_features)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        kept = getattr(self, "_dequantized", None)
+        if kept is not None and kept.dtype == dtype:
+            return kept
         return grid.dequantize(self.codes(), self.grid_params(), self.group_size, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -79,6 +85,22 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
             f"group_size={self.group_size}, sym={self.sym}, backend={self.backend}"
         )
+
+
+@contextmanager
+def dequantized_once(model: nn.Module, dtype: torch.dtype) -> Iterator[int]:
+    """Inside the block, each QuantLinear whose backend dequantizes through the reference at every call
+    (`torch`; `cpu_int4` above a few rows) keeps its dequantized weight instead: the same values, computed
+    once, for many-token passes (perplexity, task scoring) on devices without a faster kernel. Costs one
+    dense copy of those layers until the block ends. Yields how many layers keep one."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and BACKENDS[m.backend].reference_dequantize]
+    for layer in layers:
+        layer._dequantized = layer.dequantize_weight(dtype)
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            layer._dequantized = None
 
 
 def fuse_rows(layers: list[nn.Module]) -> nn.Module | None:

@@ -16,7 +16,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time_s(fn, device: torch.device, repeats: int, warmup: int) -> float:
+def _times_s(fn, device: torch.device, repeats: int, warmup: int) -> list[float]:
     for _ in range(warmup):
         fn()
     times = []
@@ -26,7 +26,17 @@ def _median_time_s(fn, device: torch.device, repeats: int, warmup: int) -> float
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def _median_time_s(fn, device: torch.device, repeats: int, warmup: int) -> float:
+    return statistics.median(_times_s(fn, device, repeats, warmup))
+
+
+def rate_and_spread(units: float, times_s: list[float]) -> tuple[float, float]:
+    """units per second at the median time, and the spread of the repeats: (slowest − fastest) / median, in %."""
+    median = statistics.median(times_s)
+    return units / median, 100 * (max(times_s) - min(times_s)) / median
 
 
 @torch.no_grad()
@@ -47,18 +57,28 @@ def timed_us(fn, device: torch.device, repeats: int) -> float:
 
 
 @torch.no_grad()
-def prefill_tok_s(model: nn.Module, prompt: Tensor, repeats: int = 3, warmup: int = 1) -> float:
-    """Tokens per second of one forward over `prompt` (1-D ids)."""
+def prefill_times_s(model: nn.Module, prompt: Tensor, repeats: int = 3, warmup: int = 1) -> list[float]:
+    """Seconds of each timed forward over `prompt` (1-D ids)."""
     device = next(model.parameters()).device
     ids = prompt[None].to(device)
-    seconds = _median_time_s(lambda: model(ids, use_cache=False), device, repeats, warmup)
-    return ids.shape[1] / seconds
+    return _times_s(lambda: model(ids, use_cache=False), device, repeats, warmup)
 
 
-@torch.no_grad()
+def prefill_tok_s(model: nn.Module, prompt: Tensor, repeats: int = 3, warmup: int = 1) -> float:
+    """Tokens per second of one forward over `prompt` (1-D ids)."""
+    return rate_and_spread(prompt.numel(), prefill_times_s(model, prompt, repeats, warmup))[0]
+
+
 def decode_tok_s(model: nn.Module, prompt: Tensor, new_tokens: int, repeats: int = 3, warmup: int = 1) -> float:
     """Greedy batch-1 decode after `prompt` with a static KV cache (and a CUDA graph per step on CUDA,
     see harness.decoder); the prefill is not timed."""
+    return rate_and_spread(new_tokens, decode_times_s(model, prompt, new_tokens, repeats, warmup))[0]
+
+
+@torch.no_grad()
+def decode_times_s(model: nn.Module, prompt: Tensor, new_tokens: int, repeats: int = 3,
+                   warmup: int = 1) -> list[float]:
+    """Seconds of each timed decode of `new_tokens` (see decode_tok_s)."""
     device = next(model.parameters()).device
     decoder = StaticDecoder(model, max_len=prompt.numel() + new_tokens + 2)
 
@@ -76,4 +96,4 @@ def decode_tok_s(model: nn.Module, prompt: Tensor, new_tokens: int, repeats: int
     times.clear()
     for _ in range(repeats):
         decode()
-    return new_tokens / statistics.median(times)
+    return times

@@ -32,6 +32,7 @@ class Backend:
     forward: Callable[[Tensor, nn.Module], Tensor]
     prepare: Callable[[nn.Module], None] = lambda layer: None  # convert the storage once, at load time
     summary: str = ""
+    reference_dequantize: bool = False  # many-row inputs go through the reference's dequantize_weight
 
 
 def _always(layer: LayerFormat, device: torch.device) -> str | None:
@@ -96,7 +97,8 @@ def _gemv_or_gemm(gemv: Callable[[Tensor, nn.Module], Tensor]) -> Callable[[Tens
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("torch", _always, dequantize_matmul, summary="dequantize + matmul (the reference), any device"),
+        Backend("torch", _always, dequantize_matmul, summary="dequantize + matmul (the reference), any device",
+                reference_dequantize=True),
         Backend("cuda", _cuda_why_not, _gemv_or_gemm(_cuda_gemv),
                 summary="CUDA: a CUDA C++ GEMV at batch 1 (compiled at first use), Triton's dequantize + cuBLAS "
                         "GEMM otherwise; 3- and 4-bit (widths and groups in multiples of 32) and 8-bit (of 16), bf16"),
@@ -105,7 +107,7 @@ BACKENDS: dict[str, Backend] = {
         Backend("tinygemm", int4pack.tinygemm_why_not, int4pack.tinygemm_forward, int4pack.prepare_tinygemm,
                 summary="CUDA: aten._weight_int4pack_mm, 4-bit, groups 32-256, bf16"),
         Backend("cpu_int4", int4pack.cpu_why_not, int4pack.cpu_forward, int4pack.prepare_cpu,
-                summary="CPU: aten._weight_int4pack_mm_for_cpu, 4-bit, groups 32-256"),
+                summary="CPU: aten._weight_int4pack_mm_for_cpu, 4-bit, groups 32-256", reference_dequantize=True),
     )
 }
 
