@@ -45,10 +45,13 @@ def report_blocks(records: list[dict], selection: dict | None, pngs: list[Path],
         blocks += [("p", f"**Verdict:** {selection['verdict']}"), ("p", f"Quality bar: {policy_text(selection)}.")]
         blocks += [("h2", "What it means"), ("p", _capacity_intro()), capacity_table(selection, records)]
         blocks += [("h2", "Results"), results_table(selection)]
-        notes = sorted({p["speed_note"] for p in selection["points"] if p.get("speed_note")})
-        if notes:
-            blocks.append(("p", "Speed: " + "; ".join(notes) + ". Quality was measured on the same values "
-                           "(dequantized once)."))
+        unserved = [p["label"] for p in selection["points"] if p.get("speed_note")]
+        if unserved:
+            device = next(p["device"] for p in selection["points"] if p.get("speed_note"))
+            blocks.append(("p", f"Speed (\"no kernel here\"): no {device} kernel serves {', '.join(unserved)}; run "
+                           "there, their layers would dequantize every weight at every step, which is not the cost "
+                           "of the format, so their speed is not measured. Their quality is measured on the same "
+                           "values, dequantized once. A ratio below 1× is a kernel slower than the dense baseline."))
         failing = [p for p in selection["points"] if not p["passed"] and not p["is_baseline"]]
         if failing:
             blocks += [("h2", "Why points fail"), ("ul", [f"{p['label']}: {'; '.join(p['reasons'])}" for p in failing])]

@@ -193,11 +193,11 @@ def _corpus(record: dict[str, Any], corpus: str) -> tuple:
 
 
 def _unpaired(name: str, stopped_early: str | None = None) -> dict[str, Any]:
-    reason = (f"{name} not run: the point was beyond the bar after its windows ({stopped_early}); "
-              "eval.adaptive=false measures every point whole") if stopped_early else (
-              f"{name} not measured on the baseline's windows or items")
+    """A check without paired samples fails; `not_run` marks one skipped by adaptive evaluation."""
+    reason = (f"{name} not run (stopped early)" if stopped_early
+              else f"{name} not measured on the baseline's windows or items")
     return {"name": name, "estimate": math.nan, "upper": math.nan, "lower": math.nan, "units": 0, "threshold": None,
-            "passed": False, "reason": reason, "better": False}
+            "passed": False, "reason": reason, "better": False, "not_run": bool(stopped_early)}
 
 
 def select(records: list[dict[str, Any]], policy: dict[str, Any]) -> dict[str, Any]:
@@ -214,6 +214,7 @@ def select(records: list[dict[str, Any]], policy: dict[str, Any]) -> dict[str, A
         point.update({k: metrics.get(k) for k in ("weight_bytes", "bits_per_weight", "decode_tok_s")})
         point["speed_note"] = record.get("speed_note")
         point["stopped_early"] = record.get("stopped_early")
+        point["device"] = record.get("env", {}).get("device")
         samples = record.get("per_sample", {})
         point["windows"] = sum(len(v) for k, v in samples.items() if k.startswith("nll/"))
         point["items"] = sum(len(v) for k, v in samples.items() if k.startswith("task/") and k.endswith("/acc"))
@@ -221,7 +222,10 @@ def select(records: list[dict[str, Any]], policy: dict[str, Any]) -> dict[str, A
             point.update(checks=[], passed=False, reasons=[f"the run failed: {record.get('error', {}).get('message')}"])
         else:
             point["checks"] = judge.checks(record)
-            point["reasons"] = [c["reason"] for c in point["checks"] if not c["passed"]]
+            point["reasons"] = [c["reason"] for c in point["checks"] if not c["passed"] and not c.get("not_run")]
+            if record.get("stopped_early"):
+                point["reasons"].append(f"tasks not run: beyond the bar after its windows ({record['stopped_early']}); "
+                                        "eval.adaptive=false measures every point whole")
             point["passed"] = not point["reasons"]
         points.append(point)
     candidates = [p for p in points if p["passed"] and not p["is_baseline"]]

@@ -234,7 +234,7 @@ def _prepare_tasks(ev: dict[str, Any], cfg: dict[str, Any]) -> tuple[Path | None
     offline_tasks.write_tasks(folder, seed=cfg["seed"])
     for name, path in (ev.get("local_tasks") or {}).items():
         offline_tasks.write_local_task(folder, name, Path(path).expanduser())
-    manager = tasks.task_manager(folder)
+    manager = tasks.task_manager(folder, only=_task_names(ev))
     tasks.check_task_names(_task_names(ev), manager)
     return folder, manager
 

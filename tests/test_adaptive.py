@@ -78,4 +78,4 @@ def test_a_sweep_skips_the_tasks_of_a_point_already_beyond_its_bar_and_says_so(t
     assert not any(k.startswith("task/") for k in stopped["per_sample"]) and "tasks" not in stopped["phases_s"]
     assert records["fp16"]["stopped_early"] is None and "task/qb_arithmetic/acc" in records["fp16"]["per_sample"]
     report = (tmp_path / "report.md").read_text()
-    assert "8 · 0 (stopped early)" in report and "task/qb_arithmetic not run" in report
+    assert "8 · 0 (stopped early)" in report and "tasks not run: beyond the bar after its windows (kl/pydoc" in report

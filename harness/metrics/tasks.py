@@ -18,19 +18,21 @@ from ..errors import UserError
 METRICS = ("acc", "acc_norm", "perplexity")
 
 
-def task_manager(include_path: Path | None):
-    """lm-eval's TaskManager over its own tasks and the YAMLs in `include_path`. Building one indexes every
-    task lm-eval ships (seconds), so one is kept per folder and content of its YAMLs for the process."""
-    fingerprint = "" if include_path is None else "".join(
-        p.name + hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(include_path).glob("*.yaml")))
-    return _task_manager(str(include_path) if include_path else None, fingerprint)
+def task_manager(include_path: Path | None, only: list[str] | None = None):
+    """lm-eval's TaskManager over the YAMLs in `include_path` and the tasks lm-eval ships. Indexing those
+    takes seconds, so it is skipped when every task in `only` is one of the folder's, and one manager is
+    kept per folder, content of its YAMLs and that choice for the process."""
+    yamls = sorted(Path(include_path).glob("*.yaml")) if include_path is not None else []
+    fingerprint = "".join(p.name + hashlib.sha256(p.read_bytes()).hexdigest() for p in yamls)
+    own = only is not None and set(only) <= {p.stem for p in yamls}
+    return _task_manager(str(include_path) if include_path else None, fingerprint, not own)
 
 
 @functools.lru_cache(maxsize=4)
-def _task_manager(include_path: str | None, fingerprint: str):
+def _task_manager(include_path: str | None, fingerprint: str, include_defaults: bool):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path, verbosity="ERROR")
+    return TaskManager(include_path=include_path, include_defaults=include_defaults, verbosity="ERROR")
 
 
 def check_task_names(names: list[str], manager) -> None:

@@ -155,7 +155,7 @@ def _gemv_configs() -> list[triton.Config]:
             for n in (2, 4, 8, 16) for k in (512, 1024, 2048) for w in (4, 8)]
 
 
-@triton.autotune(configs=_gemv_configs(), key=["N", "K", "BITS", "GROUP", "SYM", "CODES"])
+@triton.autotune(configs=_gemv_configs(), key=["N", "K", "BITS", "GROUP", "SYM", "CODES"], cache_results=True)
 @triton.jit
 def _gemv_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, N, stride_q, n_groups, K: tl.constexpr,
                        BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, CODES: tl.constexpr,

@@ -204,7 +204,9 @@ def _configs() -> list[triton.Config]:
 CHUNK = {4: 8, 3: 32}  # codes per chunk: one int32 word at 4 bits, three at 3 bits
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "BITS", "GROUP", "SYM"])
+# cache_results: the choice is kept in Triton's cache (per kernel source, GPU, Triton version and key), so a
+# shape is tuned once per machine, not once per process
+@triton.autotune(configs=_configs(), key=["N", "K", "BITS", "GROUP", "SYM"], cache_results=True)
 @triton.jit
 def _gemv_kernel(x_ptr, x32_ptr, q_ptr, s_ptr, z_ptr, out_ptr, N, stride_q, n_groups, K: tl.constexpr,
                  BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, INTERPRET: tl.constexpr,
