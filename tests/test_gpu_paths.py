@@ -2,6 +2,8 @@
 sweep's backend selection once failed every quantized point there (it read packed storage that does not
 exist before quantization)."""
 
+import collections
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -60,3 +62,15 @@ def test_quant_backend_can_be_set_sweep_wide_and_the_baseline_ignores_it():
     rtn = make_point(config("quant=rtn", "quant.backend=triton", "device=cpu"))
     assert baseline.backend == "auto" and rtn.backend == "triton"
     assert baseline.identity == make_point(config("quant=fp16", "device=cpu")).identity  # one baseline point
+
+
+def test_speed_is_measured_wherever_a_gpu_kernel_serves_and_not_on_the_reference(fake_h100):
+    from harness.sweep import no_kernel_note
+
+    point = make_point(config("quant=rtn", "quant.bits=3", "quant.group_size=64"))
+    model, _ = build_tiny_llama(SHAPES["576"], seed=0)
+    assert no_kernel_note(point, dict(collections.Counter(plan_backends(point, model).values()))) is None
+    cpu = make_point(config("quant=rtn", "quant.bits=3", "quant.group_size=64", "device=cpu"))
+    assert no_kernel_note(cpu, {"torch": 14}).startswith("no cpu kernel for rtn-w3g64")
+    named = make_point(config("quant=rtn", "quant.bits=3", "quant.backend=torch", "device=cpu"))
+    assert no_kernel_note(named, {"torch": 14}) is None  # the user asked for the reference: it is timed

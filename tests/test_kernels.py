@@ -208,3 +208,16 @@ def test_quantized_model_logits_agree_across_cpu_backends(tiny):
         fast = quantized(ids).logits
     assert (fast - reference).norm() / reference.norm() < 1e-2
     assert (fast.argmax(-1) == reference.argmax(-1)).float().mean() > 0.95
+
+
+def test_dequantized_once_gives_the_reference_values_and_lets_go_after():
+    model = torch.nn.Sequential(quant_linear(16, 256, 3, 64, False, bias=True), quant_linear(16, 256, 4, 64, False))
+    use_backend(model, "auto")  # torch (3-bit) and cpu_int4 (4-bit): both dequantize through the reference
+    x = torch.randn(2, 40, 256, generator=torch.Generator().manual_seed(5))  # many rows: the reference path
+    expected = [layer(x) for layer in model]
+    with quantizers.dequantized_once(model, torch.float32) as kept:
+        assert kept == 2
+        got = [layer(x) for layer in model]
+    for g, e in zip(got, expected, strict=True):
+        assert torch.equal(g, e)  # the same values, not merely close
+    assert all(layer._dequantized is None for layer in model)
