@@ -157,9 +157,12 @@ def cache_dir() -> Path:
 def _load_gguf_cached(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any, str]:
     """A GGUF's model and tokenizer, converted once per file and dtype into a safetensors folder: reading a
     GGUF through transformers parses its metadata four times over (about 30 s for SmolLM2-135M), the folder
-    loads in about a second with the same tensors. The key is the file's path, size and mtime."""
+    loads in about a second with the same tensors. The key is the file's path, size and mtime, the dtype, and
+    the versions of the code that converts it (transformers, gguf)."""
     stat = path.resolve().stat()
-    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}".encode()).hexdigest()[:16]
+    versions = "|".join(_version(name) for name in ("transformers", "gguf"))
+    identity = f"{CONVERTED_FORMAT}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{dtype}|{versions}"
+    key = hashlib.sha256(identity.encode()).hexdigest()[:16]
     folder = cache_dir() / "gguf" / f"{path.stem}-{key}"
     info_path = folder / "quantbench.json"
     if info_path.exists():
@@ -172,6 +175,16 @@ def _load_gguf_cached(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any, s
     model, tokenizer = _load_gguf(path, dtype)
     _save_converted(folder, model, tokenizer, {"source": str(path.resolve()), "source_format": source_format})
     return model, tokenizer, source_format
+
+
+CONVERTED_FORMAT = 1  # bump when what _save_converted writes changes
+
+
+def _version(distribution: str) -> str:
+    try:
+        return md.version(distribution)
+    except md.PackageNotFoundError:
+        return "none"
 
 
 def _save_converted(folder: Path, model: nn.Module, tokenizer: Any, info: dict[str, Any]) -> None:

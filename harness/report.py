@@ -48,10 +48,7 @@ def report_blocks(records: list[dict], selection: dict | None, pngs: list[Path],
         unserved = [p["label"] for p in selection["points"] if p.get("speed_note")]
         if unserved:
             device = next(p["device"] for p in selection["points"] if p.get("speed_note"))
-            blocks.append(("p", f"Speed (\"no kernel here\"): no {device} kernel serves {', '.join(unserved)}; run "
-                           "there, their layers would dequantize every weight at every step, which is not the cost "
-                           "of the format, so their speed is not measured. Their quality is measured on the same "
-                           "values, dequantized once. A ratio below 1× is a kernel slower than the dense baseline."))
+            blocks.append(("p", _no_kernel_text(device, unserved)))
         failing = [p for p in selection["points"] if not p["passed"] and not p["is_baseline"]]
         if failing:
             blocks += [("h2", "Why points fail"), ("ul", [f"{p['label']}: {'; '.join(p['reasons'])}" for p in failing])]
@@ -125,6 +122,13 @@ def results_table(selection: dict[str, Any]) -> Block:
         row.append("pass" if p["passed"] else "fail")
         rows.append(row)
     return ("table", header, rows)
+
+
+def _no_kernel_text(device: str, labels: list[str]) -> str:
+    return (f"Speed (\"no kernel here\"): no {device} kernel serves {', '.join(labels)} (all their layers, or those "
+            "of a width the kernel cannot take). Run there, those layers would dequantize every weight at every "
+            "step, which is not the cost of the format, so their speed is not measured. Their quality is measured "
+            "on the same values, dequantized once. A ratio below 1× is a kernel slower than the dense baseline.")
 
 
 def _speed_cell(point: dict, base: dict) -> str:

@@ -15,8 +15,9 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
-from . import CONFIG_DIR, stats
+from . import CONFIG_DIR, adaptive, stats
 from .errors import UserError
+from .policy import threshold_for
 from .results import load_records
 
 OBJECTIVES = {"weight_bytes": "smallest", "bits_per_weight": "smallest", "decode_tok_s": "largest"}
@@ -85,12 +86,6 @@ def _names(policy: dict[str, Any], key: str, known: list[str], what: str) -> lis
         raise UserError(f"select.{key} names {what} the sweep did not measure ({', '.join(unknown)}); "
                         f"it measured: {', '.join(known) or 'none'}")
     return chosen
-
-
-def threshold_for(policy: Mapping[str, Any], key: str, name: str) -> float | None:
-    """A check's threshold: one number for all, or a {name: number} mapping (unnamed: unchecked)."""
-    value = policy.get(key)
-    return value.get(name) if isinstance(value, Mapping) else value
 
 
 def check_policy(policy: dict[str, Any], base: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -192,6 +187,21 @@ def _corpus(record: dict[str, Any], corpus: str) -> tuple:
     return d.get("sha256"), d.get("seqlen"), d.get("windows")
 
 
+def _stopped_reason(record: dict[str, Any], base: dict[str, Any], policy: dict[str, Any], corpora: list[str]) -> str:
+    """Why a point stopped early fails now: under this policy it is still clearly beyond the bar after its
+    windows, or its tasks, never run, are needed to judge it (the sweep stopped it under a stricter bar)."""
+    base_nll = {c: base["per_sample"][f"nll/{c}"] for c in corpora}
+    samples = record.get("per_sample", {})
+    reason = adaptive.decided_fail(
+        base_nll, {c: samples[f"nll/{c}"] for c in corpora if f"nll/{c}" in samples},
+        {c: samples[f"kl/{c}"] for c in corpora if f"kl/{c}" in samples}, {**policy, "corpora": corpora},
+        float(record.get("config", {}).get("eval", {}).get("adaptive_confidence", 0.995)))
+    if reason:
+        return f"tasks not run: beyond the bar after its windows ({reason})"
+    return (f"tasks not measured: the sweep stopped this point under its own bar ({record['stopped_early']}), "
+            "and this bar needs them: rerun the sweep into the same folder with eval.adaptive=false")
+
+
 def _unpaired(name: str, stopped_early: str | None = None) -> dict[str, Any]:
     """A check without paired samples fails; `not_run` marks one skipped by adaptive evaluation."""
     reason = (f"{name} not run (stopped early)" if stopped_early
@@ -224,8 +234,7 @@ def select(records: list[dict[str, Any]], policy: dict[str, Any]) -> dict[str, A
             point["checks"] = judge.checks(record)
             point["reasons"] = [c["reason"] for c in point["checks"] if not c["passed"] and not c.get("not_run")]
             if record.get("stopped_early"):
-                point["reasons"].append(f"tasks not run: beyond the bar after its windows ({record['stopped_early']}); "
-                                        "eval.adaptive=false measures every point whole")
+                point["reasons"].append(_stopped_reason(record, base, policy, corpora))
             point["passed"] = not point["reasons"]
         points.append(point)
     candidates = [p for p in points if p["passed"] and not p["is_baseline"]]
@@ -239,8 +248,19 @@ def select(records: list[dict[str, Any]], policy: dict[str, Any]) -> dict[str, A
 
 
 def _choose(candidates: list[dict], objective: str, judge: _Judge, records: dict[str, dict]) -> tuple[dict | None, str]:
-    if not candidates:
-        return None, ""
+    """The passing point with the best objective, and why it over the others; points whose objective was not
+    measured (no kernel timed them) cannot be ranked on it and are named instead."""
+    unmeasured = [p["label"] for p in candidates if p[objective] is None or math.isnan(p[objective])]
+    measured_ = [p for p in candidates if p["label"] not in unmeasured]
+    note = (f"{', '.join(unmeasured)} {'also passed' if measured_ else 'pass the bar'}, but {objective} was not "
+            "measured for them") if unmeasured else ""
+    if not measured_:
+        return None, note
+    chosen, why = _best(measured_, objective, judge, records)
+    return chosen, "; ".join(text for text in (why, note) if text)
+
+
+def _best(candidates: list[dict], objective: str, judge: _Judge, records: dict[str, dict]) -> tuple[dict, str]:
     sign = 1 if OBJECTIVES[objective] == "smallest" else -1
     best = min(sign * p[objective] for p in candidates)
     tied = [p for p in candidates if sign * p[objective] <= best + TIE_TOLERANCE * abs(best)]
@@ -288,6 +308,8 @@ def _verdict(chosen: dict | None, closest: dict | None, why: str, objective: str
     if n_points == 1:
         return ("The sweep has only its baseline: add quantized points to the same out_dir "
                 "(e.g. quant=rtn quant.bits=8,4).")
+    if chosen is None and why:
+        return f"No point can be chosen on {objective}: {why} (no kernel timed them); choose on objective=weight_bytes."
     if chosen is None:
         text = (f"No quantized point passes the bar at {confidence:.0%} confidence: keep the baseline, "
                 "or relax the policy.")

@@ -41,8 +41,11 @@ class Point:
 
     @property
     def identity(self) -> dict[str, Any]:
+        # adaptive evaluation decides how much of a point to measure, not what it measures: a point stopped
+        # early is completed in place when it is asked for with eval.adaptive=false
+        ev = {k: v for k, v in self.cfg["eval"].items() if k not in ("adaptive", "adaptive_confidence")}
         return {
-            "model": self.cfg["model"], "quant": self.spec.to_dict(), "eval": self.cfg["eval"],
+            "model": self.cfg["model"], "quant": self.spec.to_dict(), "eval": ev,
             "calib": self.cfg["calib"] if self.needs_calibration else None,
             "seed": self.cfg["seed"], "dtype": str(self.dtype), "device": self.device, "backend": self.backend,
         }
@@ -107,7 +110,8 @@ def run_point(cfg: dict[str, Any]) -> dict[str, Any]:
     point = make_point(cfg)
     path = results.runs_dir(Path(cfg["out_dir"])) / f"{point.run_id}.json"
     done = results.read_record(path)
-    if done is not None and done.get("status") == "ok":
+    completing = done is not None and bool(done.get("stopped_early")) and not cfg["eval"].get("adaptive")
+    if done is not None and done.get("status") == "ok" and not completing:
         log.info("%s: already done, skipped (%s)", point.run_id, path)
         return done
     _seed_everything(cfg["seed"])
@@ -192,7 +196,7 @@ def _evaluate(point: Point, phase: _Phases) -> dict[str, Any]:
     per_sample: dict[str, list[float]] = {}
     # quality depends on the weights' values, not the kernel: where the kernels would dequantize at every
     # call, the many-token passes use the same values dequantized once
-    with quantizers.dequantized_once(model, point.dtype):
+    with quantizers.dequantized_once(model, point.dtype) as kept_bytes:
         with phase("quality"), memory.PeakMemory(torch.device(point.device)) as peak:
             for name, w in windows.items():
                 ref = None if reference is None else reference[name]
@@ -201,7 +205,7 @@ def _evaluate(point: Point, phase: _Phases) -> dict[str, Any]:
                 per_sample.update(quality.per_sample(name))
                 if reference is None:  # the baseline point made the reference itself
                     _save_reference(reference_path, {name: quality}, {name: texts[name]}, merge=True)
-        metrics["peak_mem_bytes"] = peak.peak_bytes
+        metrics["peak_mem_bytes"] = max(peak.peak_bytes - kept_bytes, 0)  # the deployed model keeps no dense copy
         stopped = _decided_fail(point, reference_nll, per_sample)
         if task_folder is not None and stopped is None:
             with phase("tasks"):
@@ -379,8 +383,8 @@ def no_kernel_note(point: Point, kernels: dict[str, int]) -> str | None:
     a property of the missing kernel, not of the format."""
     if point.backend != "auto" or not kernels.get("torch"):
         return None
-    return (f"no {point.device} kernel for {point.spec.label} ({kernels['torch']} layers would dequantize at every "
-            "step): speed not measured")
+    return (f"no {point.device} kernel for {point.spec.label} in {kernels['torch']} of {sum(kernels.values())} "
+            "layers (they would dequantize at every step): speed not measured")
 
 
 def _speed_metrics(model: nn.Module, window: Tensor, sp: dict[str, Any]) -> dict[str, float]:

@@ -92,12 +92,12 @@ def dequantized_once(model: nn.Module, dtype: torch.dtype) -> Iterator[int]:
     """Inside the block, each QuantLinear whose backend dequantizes through the reference at every call
     (`torch`; `cpu_int4` above a few rows) keeps its dequantized weight instead: the same values, computed
     once, for many-token passes (perplexity, task scoring) on devices without a faster kernel. Costs one
-    dense copy of those layers until the block ends. Yields how many layers keep one."""
+    dense copy of those layers until the block ends. Yields the bytes kept."""
     layers = [m for m in model.modules() if isinstance(m, QuantLinear) and BACKENDS[m.backend].reference_dequantize]
     for layer in layers:
         layer._dequantized = layer.dequantize_weight(dtype)
     try:
-        yield len(layers)
+        yield sum(m._dequantized.numel() * m._dequantized.element_size() for m in layers)
     finally:
         for layer in layers:
             layer._dequantized = None

@@ -72,10 +72,20 @@ def test_a_sweep_skips_the_tasks_of_a_point_already_beyond_its_bar_and_says_so(t
     proc = run_cli("sweep", "model=tiny-llama", "eval=quick", "quant=fp16,rtn", "quant.bits=3", "eval.max_windows=8",
                    "select.max_ppl_increase_pct=null", "select.max_kl=0.00001", f"out_dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = {r["quant"]["method"]: r for r in (json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json"))}
-    stopped = records["rtn"]
+    records = {(r["quant"]["method"], r["quant"]["group_size"]): r
+               for r in (json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json"))}
+    stopped = records["rtn", 64]
     assert stopped["stopped_early"].startswith("kl/pydoc ≥")
     assert not any(k.startswith("task/") for k in stopped["per_sample"]) and "tasks" not in stopped["phases_s"]
-    assert records["fp16"]["stopped_early"] is None and "task/qb_arithmetic/acc" in records["fp16"]["per_sample"]
+    base = records["fp16", None]
+    assert base["stopped_early"] is None and "task/qb_arithmetic/acc" in base["per_sample"]
     report = (tmp_path / "report.md").read_text()
     assert "8 · 0 (stopped early)" in report and "tasks not run: beyond the bar after its windows (kl/pydoc" in report
+    # asked for whole, the same point is completed in place: one record per point, tasks measured
+    again = run_cli("sweep", "model=tiny-llama", "eval=quick", "quant=fp16,rtn", "quant.bits=3", "eval.max_windows=8",
+                    "eval.adaptive=false", "select.max_ppl_increase_pct=null", "select.max_kl=0.00001",
+                    f"out_dir={tmp_path}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    completed = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
+    assert len(completed) == 4  # the baseline and the grid's three 3-bit group sizes, each once
+    assert all(r["stopped_early"] is None and "task/qb_arithmetic/acc" in r["per_sample"] for r in completed)

@@ -210,14 +210,17 @@ def test_quantized_model_logits_agree_across_cpu_backends(tiny):
     assert (fast.argmax(-1) == reference.argmax(-1)).float().mean() > 0.95
 
 
-def test_dequantized_once_gives_the_reference_values_and_lets_go_after():
+def test_dequantized_once_gives_the_reference_values_and_lets_go_after(monkeypatch):
     model = torch.nn.Sequential(quant_linear(16, 256, 3, 64, False, bias=True), quant_linear(16, 256, 4, 64, False))
     use_backend(model, "auto")  # torch (3-bit) and cpu_int4 (4-bit): both dequantize through the reference
     x = torch.randn(2, 40, 256, generator=torch.Generator().manual_seed(5))  # many rows: the reference path
     expected = [layer(x) for layer in model]
-    with quantizers.dequantized_once(model, torch.float32) as kept:
-        assert kept == 2
+    calls, original = [], grid.dequantize
+    monkeypatch.setattr(grid, "dequantize", lambda *a, **k: calls.append(1) or original(*a, **k))
+    with quantizers.dequantized_once(model, torch.float32) as kept_bytes:
+        assert kept_bytes == 2 * 16 * 256 * 4 and len(calls) == 2  # one dense float32 copy per layer
         got = [layer(x) for layer in model]
+        assert len(calls) == 2  # the forwards used the copies: no dequantization per call
     for g, e in zip(got, expected, strict=True):
         assert torch.equal(g, e)  # the same values, not merely close
     assert all(layer._dequantized is None for layer in model)

@@ -144,3 +144,31 @@ def test_bootstrap_bound_covers_the_truth_at_the_stated_rate():
                                               confidence).upper >= 100 * np.expm1(0.05)
     for covered in (covered_acc, covered_ppl):
         assert 0.85 <= covered / sims <= 0.95, covered / sims
+
+
+def test_points_without_a_measured_speed_cannot_win_on_speed_and_are_named():
+    timed = record("w4", bits=4, nbytes=250, nll_shift=0.001, speed=150.0)
+    untimed = record("w3", bits=3, nbytes=190, nll_shift=0.001, speed=None)
+    s = select([baseline(), timed, untimed], {**POLICY, "objective": "decode_tok_s"})
+    assert s["chosen"] == "w4" and "rtn 3-bit g128 also passed, but decode_tok_s was not measured" in s["verdict"]
+    s = select([baseline(), untimed], {**POLICY, "objective": "decode_tok_s"})
+    assert s["chosen"] is None and s["verdict"].startswith("No point can be chosen on decode_tok_s: rtn 3-bit g128")
+
+
+def stopped(run_id, nll_shift):
+    """A point whose tasks the sweep skipped (adaptive evaluation) under its own bar."""
+    r = record(run_id, nll_shift=nll_shift, nll_noise=0.01, kl=0.01)
+    r["per_sample"] = {k: v for k, v in r["per_sample"].items() if not k.startswith("task/")}
+    r["stopped_early"] = "ppl/pydoc increase ≥ +20% at 99.5% > 5.0%"
+    r["config"] = {"eval": {"adaptive_confidence": 0.995}}
+    return r
+
+
+def test_a_point_stopped_early_is_judged_again_under_the_policy_in_force():
+    s = select([baseline(), stopped("far", np.log(1.3))], POLICY)
+    assert any(r.startswith("tasks not run: beyond the bar after its windows (ppl/pydoc")
+               for r in point(s, "far")["reasons"])
+    loose = select([baseline(), stopped("far", np.log(1.3))], {**POLICY, "max_ppl_increase_pct": 50.0})
+    [reason] = point(loose, "far")["reasons"]  # ppl and KL now pass: only the missing tasks fail it
+    assert reason.startswith("tasks not measured: the sweep stopped this point") and "eval.adaptive=false" in reason
+    assert not point(loose, "far")["passed"]

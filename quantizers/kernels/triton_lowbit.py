@@ -22,7 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import triton_pairs
-from .triton_pairs import _group_params
+from .triton_pairs import AUTOTUNE_CACHE, _group_params
 
 
 @triton.jit
@@ -155,7 +155,7 @@ def _gemv_configs() -> list[triton.Config]:
             for n in (2, 4, 8, 16) for k in (512, 1024, 2048) for w in (4, 8)]
 
 
-@triton.autotune(configs=_gemv_configs(), key=["N", "K", "BITS", "GROUP", "SYM", "CODES"], cache_results=True)
+@triton.autotune(configs=_gemv_configs(), key=["N", "K", "BITS", "GROUP", "SYM", "CODES"], **AUTOTUNE_CACHE)
 @triton.jit
 def _gemv_words_kernel(x_ptr, q_ptr, s_ptr, z_ptr, out_ptr, N, stride_q, n_groups, K: tl.constexpr,
                        BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, CODES: tl.constexpr,

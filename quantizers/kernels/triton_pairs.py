@@ -31,6 +31,7 @@ in float32, so the tests check the data movement (pairs, halves, groups, masks) 
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -201,12 +202,14 @@ def _configs() -> list[triton.Config]:
             for n in (4, 8, 16, 32) for k in (512, 1024, 2048, 4096) for w in (4, 8)]
 
 
+# Triton 3.2+ keeps autotuning results in its cache (per kernel source, GPU, Triton version and key): a shape
+# is tuned once per machine, not once per process.
+AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+
 CHUNK = {4: 8, 3: 32}  # codes per chunk: one int32 word at 4 bits, three at 3 bits
 
 
-# cache_results: the choice is kept in Triton's cache (per kernel source, GPU, Triton version and key), so a
-# shape is tuned once per machine, not once per process
-@triton.autotune(configs=_configs(), key=["N", "K", "BITS", "GROUP", "SYM"], cache_results=True)
+@triton.autotune(configs=_configs(), key=["N", "K", "BITS", "GROUP", "SYM"], **AUTOTUNE_CACHE)
 @triton.jit
 def _gemv_kernel(x_ptr, x32_ptr, q_ptr, s_ptr, z_ptr, out_ptr, N, stride_q, n_groups, K: tl.constexpr,
                  BITS: tl.constexpr, GROUP: tl.constexpr, SYM: tl.constexpr, INTERPRET: tl.constexpr,
