@@ -58,10 +58,28 @@ def timed_us(fn, device: torch.device, repeats: int) -> float:
 
 @torch.no_grad()
 def prefill_times_s(model: nn.Module, prompt: Tensor, repeats: int = 3, warmup: int = 1) -> list[float]:
-    """Seconds of each timed forward over `prompt` (1-D ids)."""
+    """Seconds of each timed forward over `prompt` (1-D ids). On CUDA, the decode loop's prefill captured
+    in a CUDA graph, each replay timed by CUDA events: a small model's eager forward is mostly Python's
+    kernel launches, whose jitter gave spreads up to 75% over 10 repeats on an H200 (docs/sweep-speed.md)."""
     device = next(model.parameters()).device
-    ids = prompt[None].to(device)
-    return _times_s(lambda: model(ids, use_cache=False), device, repeats, warmup)
+    if device.type != "cuda":
+        ids = prompt[None].to(device)
+        return _times_s(lambda: model(ids, use_cache=False), device, repeats, warmup)
+    decoder = StaticDecoder(model, max_len=prompt.numel() + 2)
+    ids = prompt.to(device)  # on the device before capture: a copy from the host cannot be captured
+    graph = capture_cuda_graph(lambda: decoder.prefill(ids), warmup=max(warmup, 1))
+    return _graph_times_s(graph, repeats)
+
+
+def _graph_times_s(graph: torch.cuda.CUDAGraph, repeats: int) -> list[float]:
+    graph.replay()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) / 1e3 for start, end in events]
 
 
 def prefill_tok_s(model: nn.Module, prompt: Tensor, repeats: int = 3, warmup: int = 1) -> float:
