@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,7 @@ def cache_dir() -> Path:
 
 def _load_gguf_cached(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any, str]:
     """A GGUF's model and tokenizer, converted once per file and dtype into a safetensors folder: reading a
-    GGUF through transformers parses its metadata four times over (about 30 s for SmolLM2-135M), the folder
+    GGUF through transformers takes seconds to tens of seconds, the folder
     loads in about a second with the same tensors. The key is the file's path, size and mtime, the dtype, and
     the versions of the code that converts it (transformers, gguf)."""
     stat = path.resolve().stat()
@@ -216,13 +217,38 @@ def _ensure(folder: Path) -> Path:
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_file_type(path)  # fails early, with a clear line, on an unreadable file
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    except (ValueError, KeyError, OSError) as e:
-        raise UserError(f"could not load the GGUF model {path}: {e}") from None
+    with _gguf_parsed_once():
+        gguf_file_type(path)  # fails early, with a clear line, on an unreadable file
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        except (ValueError, KeyError, OSError) as e:
+            raise UserError(f"could not load the GGUF model {path}: {e}") from None
     return model, tokenizer
+
+
+@contextmanager
+def _gguf_parsed_once():
+    """transformers opens the GGUF once for the config, the tokenizer and the weights, and builds the tensor
+    name map once per tensor; read-only readers and name maps are shared within one load instead."""
+    import gguf
+
+    real_reader, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[str, Any] = {}
+
+    def shared_reader(path, mode="r"):
+        if mode != "r":
+            return real_reader(path, mode)
+        key = str(Path(path).resolve())
+        if key not in readers:
+            readers[key] = real_reader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = shared_reader, functools.lru_cache(maxsize=None)(real_name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_name_map
 
 
 def _load_transformers(where: str, source: str, dtype: torch.dtype) -> tuple[nn.Module, Any]:

@@ -59,3 +59,14 @@ def test_decoder_refuses_more_tokens_than_its_cache(tiny):
     decoder.prefill(torch.zeros(10, dtype=torch.long))
     with pytest.raises(ValueError, match="do not fit"):
         decoder.decode(7)
+
+
+def test_the_prefill_that_gpu_timing_captures_gives_the_forwards_next_token_on_every_replay():
+    from harness.metrics.speed import prefill_step
+    from harness.models import build_tiny_llama
+
+    model = build_tiny_llama({"initializer_range": 0.2}, seed=0)[0].eval()
+    prompt = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(2))
+    step = prefill_step(model, prompt)
+    expected = greedy_with_full_forwards(model, prompt, 1)
+    assert [step().reshape(-1).tolist() for _ in range(3)] == [expected.tolist()] * 3  # replays are idempotent

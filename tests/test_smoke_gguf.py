@@ -47,3 +47,15 @@ def test_a_gguf_is_converted_once_and_the_copy_is_the_same_model(tmp_path, monke
     text = "def f(x):\n    return x ** 2  # Ünïcode\n\nThe quick brown fox."
     assert first_tok(text)["input_ids"] == again_tok(text)["input_ids"]
     assert (folder / "model.safetensors").exists() and (folder / "quantbench.json").exists()
+
+
+def test_a_gguf_is_parsed_once_per_load_and_gguf_is_left_as_it_was(tmp_path):
+    import gguf
+
+    path = models.resolve_source({"name": point(tmp_path, {})["model"]["name"]})[1]
+    real_reader = gguf.GGUFReader
+    with models._gguf_parsed_once():
+        assert gguf.GGUFReader(path) is gguf.GGUFReader(path)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    assert gguf.GGUFReader is real_reader
+    assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)

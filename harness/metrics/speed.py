@@ -65,10 +65,22 @@ def prefill_times_s(model: nn.Module, prompt: Tensor, repeats: int = 3, warmup: 
     if device.type != "cuda":
         ids = prompt[None].to(device)
         return _times_s(lambda: model(ids, use_cache=False), device, repeats, warmup)
-    decoder = StaticDecoder(model, max_len=prompt.numel() + 2)
-    ids = prompt.to(device)  # on the device before capture: a copy from the host cannot be captured
-    graph = capture_cuda_graph(lambda: decoder.prefill(ids), warmup=max(warmup, 1))
+    graph = capture_cuda_graph(prefill_step(model, prompt), warmup=max(warmup, 1))
     return _graph_times_s(graph, repeats)
+
+
+def prefill_step(model: nn.Module, prompt: Tensor):
+    """The function that GPU prefill timing captures: the decode loop's prefill of `prompt`, which leaves
+    the greedy next token in `decoder.token`; the ids are on the device first, since a copy from the host
+    cannot be captured."""
+    decoder = StaticDecoder(model, max_len=prompt.numel() + 2)
+    ids = prompt.to(decoder.device)
+
+    def step() -> Tensor:
+        decoder.prefill(ids)
+        return decoder.token
+
+    return step
 
 
 def _graph_times_s(graph: torch.cuda.CUDAGraph, repeats: int) -> list[float]:
