@@ -13,6 +13,7 @@ from torch import Tensor
 from .errors import UserError
 
 CORPORA = ("pydoc", "pycode", "wikitext2", "c4")  # or a path to a local text file
+WIKITEXT2_SPLITS = {"test": "wiki.test.raw", "valid": "wiki.valid.raw", "train": "wiki.train.raw"}
 
 
 @dataclass(frozen=True)
@@ -30,13 +31,14 @@ class TokenizedText:
     part: str  # eval | calib
     ids: Tensor  # 1-D int64
     sha256: str
+    bos: bool = False  # one BOS token before the text
 
     @property
     def n_tokens(self) -> int:
         return self.ids.numel()
 
     def describe(self) -> dict:
-        return {"part": self.part, "sha256": self.sha256, "tokens": self.n_tokens}
+        return {"part": self.part, "sha256": self.sha256, "tokens": self.n_tokens, "bos": self.bos}
 
 
 def _in_calibration_part(key: str) -> bool:
@@ -52,7 +54,13 @@ def split_documents(docs: dict[str, str]) -> tuple[str, str]:
     return "\n\n".join(evaluation), "\n\n".join(calibration)
 
 
-def load_corpus(name: str) -> CorpusText:
+def load_corpus(name: str, data_dirs: dict[str, str | None] | None = None, shared: bool = False,
+                part: str | None = None) -> CorpusText:
+    """A corpus's evaluation and calibration texts. Built-in corpora that serve both are split into disjoint
+    halves; WikiText-2 is its released splits (`wikitext2` evaluates test, `wikitext2:valid` validation, and
+    calibrates on train); a local file is evaluated whole, in order, as it is on disk, unless it is `shared`
+    with calibration: then its paragraphs are split into disjoint halves like a built-in corpus's. `part`
+    (eval | calib): only that part is needed, so a corpus of separate files reads only that one."""
     if name == "pydoc":
         # The text of CPython's help topics: ships with every Python, differs between versions.
         from pydoc_data.topics import topics
@@ -65,21 +73,53 @@ def load_corpus(name: str) -> CorpusText:
         if not modules:
             raise UserError(f"no standard library sources under {stdlib}: this Python ships none; use another corpus")
         return CorpusText(name, *split_documents(modules))
-    if name == "wikitext2":
-        test = _hf_dataset("wikitext", "wikitext-2-raw-v1", "test")
-        train = _hf_dataset("wikitext", "wikitext-2-raw-v1", "train")
-        return CorpusText(name, "\n\n".join(test["text"]), "\n\n".join(train["text"]))
+    if name == "wikitext2" or name.startswith("wikitext2:"):
+        split = name.partition(":")[2] or "test"
+        if split not in WIKITEXT2_SPLITS:
+            raise UserError(f"unknown WikiText-2 split in {name!r}: use wikitext2 (test), wikitext2:valid or "
+                            "wikitext2:train")
+        folder = (data_dirs or {}).get("wikitext2")
+        return CorpusText(name, wikitext2_text(split, folder) if part != "calib" else "",
+                          wikitext2_text("train", folder) if part != "eval" else "")
     if name == "c4":
         shard = {"validation": "en/c4-validation.00000-of-00008.json.gz"}
         docs = _hf_dataset("allenai/c4", None, "validation", data_files=shard)["text"]
         return CorpusText(name, *split_documents({f"{i:08d}": d for i, d in enumerate(docs)}))
     path = Path(name).expanduser()
     if path.is_file():
-        paragraphs = [p for p in path.read_text(encoding="utf-8", errors="replace").split("\n\n") if p.strip()]
-        return CorpusText(name, *split_documents({f"{i:08d}": p for i, p in enumerate(paragraphs)}))
+        text = read_text_file(path)
+        if shared:
+            paragraphs = [p for p in text.split("\n\n") if p.strip()]
+            return CorpusText(name, *split_documents({f"{i:08d}": p for i, p in enumerate(paragraphs)}))
+        return CorpusText(name, text, text)
     raise UserError(
         f"unknown corpus {name!r}: use one of {', '.join(CORPORA)} or the path of an existing text file"
     )
+
+
+def read_text_file(path: Path) -> str:
+    """A local text file exactly as it is; a binary file is refused rather than read as text."""
+    raw = path.read_bytes()
+    if b"\0" in raw[:65536]:
+        raise UserError(f"{path} looks like a binary file, not text: name a UTF-8 text file")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}): convert it, e.g. with iconv") from None
+
+
+def wikitext2_text(split: str, folder: str | None) -> str:
+    """WikiText-2 (raw) as the GPTQ protocol reads it: `wiki.<split>.raw` as released from a local folder, else
+    the Hugging Face rows joined with blank lines, as the GPTQ reference code joins them (another text: the
+    record's hash tells them apart)."""
+    if folder:
+        path = Path(folder).expanduser() / WIKITEXT2_SPLITS[split]
+        if not path.is_file():
+            raise UserError(f"data_dirs.wikitext2={folder}: no {WIKITEXT2_SPLITS[split]} there (the folder of "
+                            "wikitext-2-raw-v1.zip holds wiki.test.raw, wiki.valid.raw and wiki.train.raw)")
+        return read_text_file(path)
+    hf_split = {"valid": "validation"}.get(split, split)
+    return "\n\n".join(_hf_dataset("wikitext", "wikitext-2-raw-v1", hf_split)["text"])
 
 
 def _hf_dataset(path: str, config: str | None, split: str, **kwargs):
@@ -90,14 +130,28 @@ def _hf_dataset(path: str, config: str | None, split: str, **kwargs):
     except Exception as e:  # datasets raises many types when offline or the id is wrong
         raise UserError(
             f"could not load {path} ({split}) through `datasets`: {type(e).__name__}: {str(e).splitlines()[0]}. "
-            "It needs network; offline, use eval.corpora=[pydoc] or a local text file"
+            "It needs network or the Hugging Face cache (HF_DATASETS_OFFLINE=1 reads the cache only); offline, "
+            "use eval.corpora=[pydoc], a local text file, or data_dirs.wikitext2=<folder of wiki.*.raw>"
         ) from None
 
 
-def tokenize(tokenizer, corpus: CorpusText, part: str) -> TokenizedText:
+def tokenize(tokenizer, corpus: CorpusText, part: str, bos: str = "none") -> TokenizedText:
+    """The text's ids, tokenized once as a whole. `bos`: `none`; `text`: one BOS token before the text;
+    `auto`: one where the tokenizer adds one by default (the GPTQ reference tokenizes the whole text so)."""
     text = corpus.eval_text if part == "eval" else corpus.calib_text
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    return TokenizedText(corpus.name, part, ids, hashlib.sha256(text.encode()).hexdigest())
+    add_bos = bos == "text" or (bos == "auto" and adds_bos(tokenizer))
+    if add_bos:
+        if tokenizer.bos_token_id is None:
+            raise UserError("eval.bos=text, but the tokenizer has no BOS token: use eval.bos=none")
+        ids = torch.cat([torch.tensor([tokenizer.bos_token_id]), ids])
+    return TokenizedText(corpus.name, part, ids, hashlib.sha256(text.encode()).hexdigest(), add_bos)
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts a BOS token first when asked for its special tokens."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
 
 
 def eval_windows(ids: Tensor, seqlen: int, max_windows: int | None) -> Tensor:

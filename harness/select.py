@@ -140,7 +140,11 @@ class _Judge:
             return [{**_unpaired("model"), "reason": f"model {model} is not the baseline's ({base_model})"}]
         for c in self.corpora:
             nll = point.get(f"nll/{c}")
-            if nll is None or len(nll) != len(base[f"nll/{c}"]) or _corpus(record, c) != _corpus(self.base, c):
+            differs = _differs(_corpus(record, c), _corpus(self.base, c), ("text", "seqlen", "windows", "bos"))
+            if differs:
+                out.append({**_unpaired(f"ppl/{c}"), "reason": f"ppl/{c}: {differs}"})
+                continue
+            if nll is None or len(nll) != len(base[f"nll/{c}"]):
                 out.append(_unpaired(f"ppl/{c}"))
                 continue
             index = self.index(f"nll/{c}", len(nll))
@@ -152,6 +156,10 @@ class _Judge:
         for t in self.tasks:
             b, p = _task_samples(self.base, t, self.policy["task_metric"]), _task_samples(record, t,
                                                                                           self.policy["task_metric"])
+            differs = _differs(_task(record, t), _task(self.base, t), ("items", "version", "n_shot"))
+            if differs and p is not None:
+                out.append({**_unpaired(f"task/{t}"), "reason": f"task/{t}: {differs}"})
+                continue
             if p is None or len(p) != len(b):
                 out.append(_unpaired(f"task/{t}", record.get("stopped_early")))
                 continue
@@ -184,7 +192,20 @@ class _Judge:
 def _corpus(record: dict[str, Any], corpus: str) -> tuple:
     """What makes two records' windows the same: the text's hash, the window length and count."""
     d = record.get("data", {}).get("eval", {}).get(corpus, {})
-    return d.get("sha256"), d.get("seqlen"), d.get("windows")
+    return d.get("sha256"), d.get("seqlen"), d.get("windows"), d.get("bos", False)
+
+
+def _task(record: dict[str, Any], task: str) -> tuple:
+    """What makes two records' task items the same: lm-eval's hash of each item, the task's version, its shots."""
+    d = record.get("data", {}).get("tasks", {}).get(task, {})
+    return d.get("items_sha256"), d.get("version"), d.get("n_shot")
+
+
+def _differs(mine: tuple, baseline: tuple, names: tuple[str, ...]) -> str | None:
+    """One line naming what differs from the baseline's."""
+    diffs = [f"{n} {a!r} ≠ baseline's {b!r}" if n != "text" and n != "items" else f"other {n} than the baseline's"
+             for n, a, b in zip(names, mine, baseline, strict=True) if a != b]
+    return "not paired: " + ", ".join(diffs) if diffs else None
 
 
 def _stopped_reason(record: dict[str, Any], base: dict[str, Any], policy: dict[str, Any], corpora: list[str]) -> str:

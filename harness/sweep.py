@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 import quantizers
 from quantizers import QuantSpec, QuantSpecError
 
-from . import adaptive, data, offline_tasks, results
+from . import adaptive, data, offline_tasks, results, task_data
 from .errors import UserError
 from .metrics import divergence, memory, perplexity, speed, tasks
 from .models import load_model, resolve_device, resolve_dtype, resolve_source
@@ -60,7 +60,7 @@ class Point:
         ev = self.cfg["eval"]
         return {"model": self.cfg["model"], "seed": self.cfg["seed"], "dtype": str(self.dtype), "device": self.device,
                 "corpora": ev["corpora"], "seqlen": ev["seqlen"], "max_windows": ev["max_windows"],
-                "kl_topk": ev["kl_topk"]}
+                "kl_topk": ev["kl_topk"], "bos": ev.get("bos", "none")}
 
 
 def make_point(cfg: dict[str, Any]) -> Point:
@@ -95,6 +95,12 @@ def _validate_eval(ev: dict[str, Any]) -> None:
         raise UserError(f"eval.max_windows={ev['max_windows']!r} must be a positive integer, or null for all")
     if not isinstance(ev.get("tasks", []), list):
         raise UserError(f"eval.tasks={ev['tasks']!r} must be a list of lm-eval task names, e.g. [qb_arithmetic]")
+    if ev.get("bos", "none") not in ("auto", "none", "text"):
+        raise UserError(f"eval.bos={ev.get('bos')!r} must be auto, none or text")
+    task_data_ = ev.get("task_data") or {}
+    if not isinstance(task_data_, dict) or not all(isinstance(v, str) for v in task_data_.values()):
+        raise UserError(f"eval.task_data={task_data_!r} must map lm-eval task names to files or folders, e.g. "
+                        "eval.task_data={arc_easy: data/ARC-Easy-Test.jsonl}")
     if ev.get("task_limit") is not None and (not isinstance(ev["task_limit"], int) or ev["task_limit"] < 1):
         raise UserError(f"eval.task_limit={ev['task_limit']!r} must be a positive integer, or null for all items")
     confidence = ev.get("adaptive_confidence", 0.995)
@@ -167,7 +173,8 @@ def _evaluate(point: Point, phase: _Phases) -> dict[str, Any]:
     with phase("load"):
         loaded = load_model(cfg["model"], point.dtype, point.device, cfg["seed"])
         model, tokenizer = loaded.model, loaded.tokenizer
-        texts = {name: data.tokenize(tokenizer, data.load_corpus(name), "eval") for name in ev["corpora"]}
+        texts = {name: data.tokenize(tokenizer, _corpus(cfg, name, "eval"), "eval", ev.get("bos", "none"))
+                 for name in ev["corpora"]}
         windows = {name: data.eval_windows(t.ids, ev["seqlen"], ev["max_windows"]) for name, t in texts.items()}
         reference_path = Path(cfg["out_dir"]) / "baseline" / f"{results.config_hash(point.baseline_key)}.pt"
         reference, reference_nll = _load_reference(reference_path, texts)
@@ -182,7 +189,7 @@ def _evaluate(point: Point, phase: _Phases) -> dict[str, Any]:
             reference = {n: q.reference for n, q in passes.items()}
             reference_nll = {n: q.nll_per_window for n, q in passes.items()}
     with phase("task_setup"):
-        task_folder, task_manager = _prepare_tasks(ev, cfg)
+        task_folder, task_manager, task_sources = _prepare_tasks(ev, cfg)
     with phase("calibration"):
         calib, calib_info = _calibration(point, tokenizer)
 
@@ -209,8 +216,10 @@ def _evaluate(point: Point, phase: _Phases) -> dict[str, Any]:
         stopped = _decided_fail(point, reference_nll, per_sample)
         if task_folder is not None and stopped is None:
             with phase("tasks"):
-                task_metrics, task_items = _task_metrics(model, tokenizer, ev, cfg, task_folder, task_manager)
+                task_metrics, task_items, task_info = _task_metrics(model, tokenizer, ev, cfg, task_folder,
+                                                                    task_manager)
             metrics.update(task_metrics)
+            task_sources = {t: {**task_sources.get(t, {}), **about} for t, about in task_info.items()}
             per_sample.update(task_items)
     metrics.update(_size_metrics(model, baseline_linears))
     speed_note = no_kernel_note(point, kernels)
@@ -220,7 +229,7 @@ def _evaluate(point: Point, phase: _Phases) -> dict[str, Any]:
     return {
         "model": loaded.info,
         "data": {"eval": {n: {**t.describe(), "windows": windows[n].shape[0], "seqlen": ev["seqlen"]}
-                          for n, t in texts.items()}, "calib": calib_info},
+                          for n, t in texts.items()}, "calib": calib_info, "tasks": task_sources},
         "metrics": metrics,
         "per_sample": per_sample,
         "kernels": kernels,  # QuantLinear layers per backend
@@ -229,34 +238,39 @@ def _evaluate(point: Point, phase: _Phases) -> dict[str, Any]:
     }
 
 
-def _prepare_tasks(ev: dict[str, Any], cfg: dict[str, Any]) -> tuple[Path | None, Any]:
-    """The offline tasks' folder (generated for the seed) and its TaskManager, after checking every task
-    name: before any work."""
+def _prepare_tasks(ev: dict[str, Any], cfg: dict[str, Any]) -> tuple[Path | None, Any, dict[str, Any]]:
+    """The tasks' folder (the offline tasks generated for the seed, lm-eval's tasks over the user's benchmark
+    files), its TaskManager, and where each benchmark's items came from; every task name checked."""
     if not _task_names(ev):
-        return None, None
+        return None, None, {}
     folder = Path(cfg["out_dir"]) / "tasks" / f"seed{cfg['seed']}"
     offline_tasks.write_tasks(folder, seed=cfg["seed"])
     for name, path in (ev.get("local_tasks") or {}).items():
         offline_tasks.write_local_task(folder, name, Path(path).expanduser())
+    sources = {name: task_data.write_task(folder, name, Path(str(where)).expanduser(), tasks.lm_eval_yaml)
+               for name, where in (ev.get("task_data") or {}).items()}
     manager = tasks.task_manager(folder, only=_task_names(ev))
     tasks.check_task_names(_task_names(ev), manager)
-    return folder, manager
+    return folder, manager, sources
 
 
 def _task_names(ev: dict[str, Any]) -> list[str]:
-    return [*(ev.get("tasks") or []), *(ev.get("local_tasks") or {})]
+    names = [*(ev.get("tasks") or []), *(ev.get("task_data") or {}), *(ev.get("local_tasks") or {})]
+    return list(dict.fromkeys(names))
 
 
 def _task_metrics(model: nn.Module, tokenizer, ev: dict[str, Any], cfg: dict[str, Any], folder: Path,
-                  manager) -> tuple[dict[str, float], dict[str, list[float]]]:
-    """lm-eval task metrics (`task/<name>/<metric>`) and each item's correctness, for paired comparisons."""
+                  manager) -> tuple[dict[str, float], dict[str, list[float]], dict[str, dict[str, Any]]]:
+    """lm-eval task metrics (`task/<name>/<metric>`), each item's correctness (for paired comparisons), and what
+    each task measured (items, their hash, lm-eval's task version and few-shot count)."""
     start = time.perf_counter()
     found = tasks.evaluate_tasks(model, tokenizer, _task_names(ev), folder, ev.get("task_limit"),
                                  ev.get("num_fewshot"), ev.get("task_batch_size", 16), cfg["seed"], manager)
     metrics = {f"task/{name}/{m}": v for name, r in found.items() for m, v in r["metrics"].items()}
     metrics["task_eval_s"] = time.perf_counter() - start
     items = {f"task/{name}/{m}": v for name, r in found.items() for m, v in r["items"].items()}
-    return metrics, items
+    info = {name: {k: r[k] for k in ("n", "items_sha256", "version", "n_shot")} for name, r in found.items()}
+    return metrics, items, info
 
 
 def plan_backends(point: Point, model: nn.Module) -> dict[str, str]:
@@ -272,11 +286,17 @@ def plan_backends(point: Point, model: nn.Module) -> dict[str, str]:
         raise UserError(str(e)) from None
 
 
+def _corpus(cfg: dict[str, Any], name: str, part: str) -> data.CorpusText:
+    """A local text that both calibrates and is evaluated is split into disjoint halves; otherwise it is whole."""
+    shared = name == cfg.get("calib", {}).get("corpus")
+    return data.load_corpus(name, cfg.get("data_dirs"), shared=shared, part=part)
+
+
 def _calibration(point: Point, tokenizer) -> tuple[Tensor | None, dict[str, Any] | None]:
     if not point.needs_calibration:
         return None, None
     c = point.cfg["calib"]
-    text = data.tokenize(tokenizer, data.load_corpus(c["corpus"]), "calib")
+    text = data.tokenize(tokenizer, _corpus(point.cfg, c["corpus"], "calib"), "calib")
     samples = data.calibration_samples(text.ids, c["n_samples"], c["seqlen"], point.cfg["seed"])
     return samples, {**text.describe(), "corpus": c["corpus"], "n_samples": c["n_samples"], "seqlen": c["seqlen"]}
 

@@ -28,12 +28,43 @@ def test_pycode_is_the_stdlib_source_split_by_module():
     assert "def " in corpus.eval_text and corpus.eval_text not in data.load_corpus("pydoc").eval_text
 
 
-def test_local_text_file_is_a_corpus(tmp_path):
+def test_a_local_text_is_evaluated_whole_as_on_disk_and_halved_only_when_it_also_calibrates(tmp_path):
     path = tmp_path / "notes.txt"
-    path.write_text("\n\n".join(f"paragraph {i} " * 20 for i in range(40)))
-    corpus = data.load_corpus(str(path))
-    assert corpus.eval_text and corpus.calib_text
-    assert set(corpus.eval_text.split("\n\n")).isdisjoint(corpus.calib_text.split("\n\n"))
+    text = " = Title = \r\n\n" + "\n\n".join(f"paragraph {i} " * 20 for i in range(40)) + "\n \n"
+    path.write_bytes(text.encode())
+    assert data.load_corpus(str(path)).eval_text == text
+    shared = data.load_corpus(str(path), shared=True)
+    assert shared.eval_text and shared.calib_text and len(shared.eval_text) < len(text)
+    assert set(shared.eval_text.split("\n\n")).isdisjoint(shared.calib_text.split("\n\n"))
+
+
+def test_a_binary_file_is_refused_as_a_corpus(tmp_path):
+    path = tmp_path / "ls"
+    path.write_bytes(b"\x7fELF\x02\x01\x00\x00" * 10)
+    with pytest.raises(UserError, match="binary"):
+        data.load_corpus(str(path))
+
+
+def test_wikitext2_reads_the_released_split_files_from_a_folder(tmp_path):
+    for split, name in data.WIKITEXT2_SPLITS.items():
+        (tmp_path / name).write_text(f" \n = {split} = \n \n text of {split} @-@ split \n")
+    corpus = data.load_corpus("wikitext2:valid", {"wikitext2": str(tmp_path)})
+    assert corpus.eval_text == (tmp_path / "wiki.valid.raw").read_text()
+    assert corpus.calib_text == (tmp_path / "wiki.train.raw").read_text()
+    assert "= test =" in data.load_corpus("wikitext2", {"wikitext2": str(tmp_path)}).eval_text
+    (tmp_path / "wiki.test.raw").unlink()
+    with pytest.raises(UserError, match="no wiki.test.raw"):
+        data.load_corpus("wikitext2", {"wikitext2": str(tmp_path)})
+
+
+def test_bos_is_added_once_before_the_whole_text_only_when_asked(tiny):
+    _, tokenizer = tiny
+    corpus = data.CorpusText("t", "some text " * 50, "")
+    plain = data.tokenize(tokenizer, corpus, "eval", "none")
+    with_bos = data.tokenize(tokenizer, corpus, "eval", "text")
+    assert with_bos.ids.tolist() == [tokenizer.bos_token_id, *plain.ids.tolist()]
+    assert (with_bos.bos, plain.bos) == (True, False) and with_bos.sha256 == plain.sha256
+    assert data.tokenize(tokenizer, corpus, "eval", "auto").bos == data.adds_bos(tokenizer)
 
 
 def test_unknown_corpus_says_what_to_use():

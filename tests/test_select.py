@@ -105,7 +105,21 @@ def test_points_of_another_model_or_text_are_not_paired_with_the_baseline():
     s = select([baseline(), other_model, other_text, record("w8", bits=8, nbytes=500)], POLICY)
     assert s["chosen"] == "w8"
     assert "not the baseline's" in point(s, "m")["reasons"][0]
-    assert "ppl/pydoc not measured on the baseline's windows" in point(s, "t")["reasons"][0]
+    assert "ppl/pydoc: not paired: other text than the baseline's" in point(s, "t")["reasons"][0]
+
+
+def test_task_items_of_another_file_version_or_shots_are_not_paired_with_the_baseline():
+    def with_items(r, sha, version=1.0, shots=0):
+        r["data"] = {"tasks": {"qa": {"items_sha256": sha, "version": version, "n_shot": shots}}}
+        return r
+
+    records = [with_items(baseline(), "aaa"), with_items(record("other", nbytes=250), "bbb"),
+               with_items(record("shots", nbytes=260), "aaa", shots=5),
+               with_items(record("w8", bits=8, nbytes=500), "aaa")]
+    s = select(records, POLICY)
+    assert s["chosen"] == "w8"
+    assert "task/qa: not paired: other items than the baseline's" in point(s, "other")["reasons"]
+    assert "task/qa: not paired: n_shot 5 ≠ baseline's 0" in point(s, "shots")["reasons"]
 
 
 def test_policy_thresholds_per_name_and_objectives():

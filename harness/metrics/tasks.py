@@ -32,7 +32,13 @@ def task_manager(include_path: Path | None, only: list[str] | None = None):
 def _task_manager(include_path: str | None, fingerprint: str, include_defaults: bool):
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include_path, include_defaults=include_defaults, verbosity="ERROR")
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+def lm_eval_yaml(name: str) -> Path | None:
+    """The YAML that defines lm-eval's own task `name` (None if lm-eval has no such task, or it has no YAML)."""
+    entry = _task_manager(None, "", True).task_index.get(name)
+    return None if entry is None or entry.yaml_path is None else Path(entry.yaml_path)
 
 
 def check_task_names(names: list[str], manager) -> None:
@@ -70,11 +76,20 @@ def evaluate_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], include_p
             metric, _, _filter = key.partition(",")
             if metric in METRICS and isinstance(value, (int, float)):
                 metrics[metric] = float(value)
-        samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+        samples = _samples(out, task)
         items = {m: [float(s[m]) for s in samples] for m in ("acc", "acc_norm") if samples and m in samples[0]}
         metrics.update({f"{m}_stderr": _mean_stderr(v) for m, v in items.items()})
-        results[task] = {"metrics": metrics, "items": items, "n": len(samples)}
+        about = {"n": len(samples), "version": out["versions"].get(task), "n_shot": out["n-shot"].get(task),
+                 "items_sha256": hashlib.sha256("".join(s["doc_hash"] for s in samples).encode()).hexdigest()}
+        results[task] = {"metrics": metrics, "items": items, **about}
     return results
+
+
+def _samples(out: dict[str, Any], task: str) -> list[dict[str, Any]]:
+    """A task's scored items in lm-eval's order; a group's are its subtasks' in turn, by name."""
+    if task in out["samples"]:
+        return sorted(out["samples"][task], key=lambda s: s["doc_id"])
+    return [s for sub in sorted(out.get("group_subtasks", {}).get(task, [])) for s in _samples(out, sub)]
 
 
 def _mean_stderr(values: list[float]) -> float:
