@@ -233,8 +233,9 @@ def pick_file(task: str, where: Path, split: str) -> Path:
     if len(files) == 1:
         return files[0]
     named = [p for p in files if any(s in p.stem.lower() for s in _SPLIT_NAMES.get(split, (split,)))]
-    if len(named) == 1:
-        return named[0]
+    for candidates in (named, [p for p in named if p.suffix.lower() == ".jsonl"]):  # ARC ships jsonl and csv
+        if len(candidates) == 1:
+            return candidates[0]
     raise UserError(f"eval.task_data.{task}: cannot tell which file in {where} holds its {split} split "
                     f"({', '.join(p.name for p in files) or 'no data files'}); name the file instead")
 
@@ -274,26 +275,40 @@ def write_task(folder: Path, task: str, where: Path, yaml_of: Callable[[str], Pa
 def write_mmlu(folder: Path, task: str, where: Path, yaml_of: Callable[[str], Path | None]) -> dict[str, Any]:
     """MMLU as its subjects: a task per subject found (lm-eval's `mmlu_<subject>`), and for `mmlu` itself a group
     over them whose accuracy is the mean over every item (lm-eval's `mmlu` weights its subjects by size)."""
-    subjects = mmlu_files(where)
+    rows, layout = _mmlu_rows(task, where)
     if task != "mmlu":
-        subjects = {s: f for s, f in subjects.items() if f"mmlu_{s}" == task}
-    if not subjects:
-        raise UserError(f"eval.task_data.{task}: no MMLU test files (<subject>_test.csv) under {where}")
-    info = {"file": str(where.resolve()), "layout": FAMILIES["mmlu"][0].name, "subjects": len(subjects)}
-    for subject, files in sorted(subjects.items()):
+        rows = {s: splits for s, splits in rows.items() if f"mmlu_{s}" == task}
+    if not rows:
+        raise UserError(f"eval.task_data.{task}: no MMLU test items under {where} (the authors' <subject>_test.csv "
+                        "files, or rows with a subject field)")
+    info = {"file": str(where.resolve()), "layout": layout, "subjects": len(rows)}
+    for subject, splits in sorted(rows.items()):
         name = f"mmlu_{subject}"
         source = yaml_of(name)
         if source is None:
-            raise UserError(f"eval.task_data.{task}: {files['test']} names the subject {subject!r}, which "
+            raise UserError(f"eval.task_data.{task}: {where} has items of the subject {subject!r}, which "
                             "lm-eval's MMLU does not have")
-        splits = {split: convert(task, path)[0] for split, path in files.items()}
         _write(folder, name, source, splits, "test", {})
     if task == "mmlu":
-        names = [f"mmlu_{s}" for s in sorted(subjects)]
+        names = [f"mmlu_{s}" for s in sorted(rows)]
         group = {"group": "mmlu", "task": names, "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],
                  "metadata": {"version": 2}}
         (folder / "mmlu.yaml").write_text(json.dumps(group, indent=1))  # JSON is YAML
     return info
+
+
+def _mmlu_rows(task: str, where: Path) -> tuple[dict[str, dict[str, list[Record]]], str]:
+    """Per subject, per split (test, dev), MMLU's rows: from the authors' csv files, or from one file in the HF
+    layout (its rows carry their subject; all of them test items)."""
+    files = mmlu_files(where)
+    if files:
+        return {s: {split: convert(task, path)[0] for split, path in f.items()} for s, f in files.items()}, \
+            FAMILIES["mmlu"][0].name
+    converted, layout = convert(task, pick_file(task, where, "test"))
+    by_subject: dict[str, dict[str, list[Record]]] = {}
+    for row in converted:
+        by_subject.setdefault(row["subject"], {"test": []})["test"].append(row)
+    return by_subject, layout
 
 
 def _write(folder: Path, task: str, lm_eval_yaml: Path, splits: dict[str, list[Record]], eval_split: str,

@@ -202,3 +202,16 @@ def test_a_sweep_point_scores_a_benchmark_file_and_evaluates_a_local_text_whole(
     assert len(record["per_sample"]["task/arc_easy/acc_norm"]) == 3
     whole = record["data"]["eval"]["wikitext2:valid"]
     assert whole["windows"] == whole["tokens"] // 256 and whole["tokens"] >= len(text.encode()) // 2
+
+
+def test_mmlu_rows_in_the_hf_layout_are_split_into_their_subjects(tmp_path):
+    write_files(tmp_path, {"mmlu.jsonl": jsonl(mmlu_hf("anatomy") + mmlu_hf("abstract_algebra"))})
+    info = task_data.write_task(tmp_path / "tasks", "mmlu", tmp_path / "mmlu.jsonl", tasks.lm_eval_yaml)
+    assert info["subjects"] == 2 and info["layout"] == "HF cais/mmlu"
+    rows = [json.loads(line) for line in (tmp_path / "tasks" / "mmlu_abstract_algebra.test.jsonl").open()]
+    assert rows == mmlu_hf("abstract_algebra")
+
+
+def test_a_folder_of_jsonl_and_csv_copies_picks_the_jsonl(tmp_path):
+    write_files(tmp_path, {"ARC-Easy-Test.jsonl": "", "ARC-Easy-Test.csv": "", "ARC-Easy-Dev.jsonl": ""})
+    assert task_data.pick_file("arc_easy", tmp_path, "test").name == "ARC-Easy-Test.jsonl"
