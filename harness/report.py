@@ -45,6 +45,9 @@ def report_blocks(records: list[dict], selection: dict | None, pngs: list[Path],
         blocks += [("p", f"**Verdict:** {selection['verdict']}"), ("p", f"Quality bar: {policy_text(selection)}.")]
         blocks += [("h2", "What it means"), ("p", _capacity_intro()), capacity_table(selection, records)]
         blocks += [("h2", "Results"), results_table(selection)]
+        in_domain = [p for p in selection["points"] if p.get("in_domain")]
+        if in_domain:
+            blocks.append(("p", _in_domain_text(in_domain)))
         unserved = [p["label"] for p in selection["points"] if p.get("speed_note")]
         if unserved:
             device = next(p["device"] for p in selection["points"] if p.get("speed_note"))
@@ -56,7 +59,7 @@ def report_blocks(records: list[dict], selection: dict | None, pngs: list[Path],
         blocks += [("h2", "Plots")] + [("img", p, p.stem) for p in pngs]
     first = next((r for r in records if r["status"] == "ok"), None)
     if first is not None:
-        blocks += [("h2", "Setup"), ("ul", setup_lines(first))]
+        blocks += [("h2", "Setup"), ("ul", setup_lines(first, records))]
     failed = [r for r in records if r["status"] != "ok"]
     if failed:
         blocks += [("h2", "Failed runs"),
@@ -113,6 +116,7 @@ def results_table(selection: dict[str, Any]) -> Block:
     order = sorted(selection["points"], key=lambda p: (not p["is_baseline"], -(p["bits_per_weight"] or 0), p["label"]))
     for p in order:
         mark = " ✅" if p["run_id"] == selection["chosen"] else (" (baseline)" if p["is_baseline"] else "")
+        mark += " (in-domain)" if p.get("in_domain") else ""
         row = [p["label"] + mark, _fmt(p["bits_per_weight"], ".2f"), _fmt((p["weight_bytes"] or math.nan) / 1e6, ".1f")]
         found = {c["name"]: c for c in p["checks"]}
         row += [_check_cell(found.get(name)) for name in checks]
@@ -122,6 +126,15 @@ def results_table(selection: dict[str, Any]) -> Block:
         row.append("pass" if p["passed"] else "fail")
         rows.append(row)
     return ("table", header, rows)
+
+
+def _in_domain_text(points: list[dict]) -> str:
+    evaluated = sorted({e for p in points for e in p["in_domain"]})
+    return (f"In-domain: {', '.join(p['label'] for p in points)} were calibrated on the text that "
+            f"{', '.join(f'`{e}`' for e in evaluated)} evaluate (another part of it, or text it generated). A "
+            "calibrated method fits its calibration domain, so these numbers are optimistic: on other text such "
+            "points can fall behind plain rounding. Judge them on corpora and tasks they were not calibrated on "
+            "(`calib.corpus` other than `eval.corpora`).")
 
 
 def _no_kernel_text(device: str, labels: list[str]) -> str:
@@ -161,7 +174,7 @@ def _check_cell(check: dict | None) -> str:
     return f"{scale * check['estimate']:+.2f} [{scale * check['upper']:+.2f}]{better}"
 
 
-def setup_lines(record: dict) -> list[str]:
+def setup_lines(record: dict, records: list[dict]) -> list[str]:
     model, env, data = record["model"], record["env"], record.get("data", {})
     lines = [f"Model: `{model['name']}` ({model['architecture']}, {model['params'] / 1e6:.1f}M parameters), "
              f"source format: {model['source_format']}; evaluated in {model['dtype']}.",
@@ -173,8 +186,20 @@ def setup_lines(record: dict) -> list[str]:
     for corpus, d in data.get("eval", {}).items():
         lines.append(f"Corpus `{corpus}` (evaluation part): {d['tokens']} tokens, sha256 {d['sha256'][:12]}, "
                      f"{d['windows']} windows of {d['seqlen']} tokens. Compare numbers only on the same hash.")
+    calibrated = next((r["data"]["calib"] for r in records if (r.get("data") or {}).get("calib")), None)
+    if calibrated:
+        lines.append(_calib_line(calibrated))
     lines.append("Speed ratios (×) are against the baseline measured in the same sweep, on the same machine.")
     return lines
+
+
+def _calib_line(calib: dict[str, Any]) -> str:
+    parts = []
+    for source, d in (calib.get("sources") or {}).items():
+        how = f", generated with {d['generation']}" if "generation" in d else f", text sha256 {d['sha256'][:12]}"
+        parts.append(f"`{source}` {d['samples']} samples{how}, seed {d['seed']}")
+    return (f"Calibration: {calib.get('n_samples')} samples of {calib.get('seqlen')} tokens: " + "; ".join(parts)
+            + ".")
 
 
 def to_markdown(blocks: list[Block], out_dir: Path) -> str:

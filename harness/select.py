@@ -245,6 +245,7 @@ def select(records: list[dict[str, Any]], policy: dict[str, Any]) -> dict[str, A
         point.update({k: metrics.get(k) for k in ("weight_bytes", "bits_per_weight", "decode_tok_s")})
         point["speed_note"] = record.get("speed_note")
         point["stopped_early"] = record.get("stopped_early")
+        point["in_domain"] = record.get("in_domain") or []
         point["device"] = record.get("env", {}).get("device")
         samples = record.get("per_sample", {})
         point["windows"] = sum(len(v) for k, v in samples.items() if k.startswith("nll/"))

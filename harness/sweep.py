@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 import quantizers
 from quantizers import QuantSpec, QuantSpecError
 
-from . import adaptive, data, offline_tasks, results, task_data
+from . import adaptive, calibration, data, offline_tasks, results, task_data
 from .errors import UserError
 from .metrics import divergence, memory, perplexity, speed, tasks
 from .models import load_model, resolve_device, resolve_dtype, resolve_source
@@ -79,6 +79,8 @@ def make_point(cfg: dict[str, Any]) -> Point:
     except QuantSpecError as e:
         raise UserError(str(e)) from None
     _validate_eval(cfg["eval"])
+    if quantizer.needs_calibration:
+        calibration.check(cfg["calib"])
     resolve_source(cfg["model"])  # a missing path fails here, before any work
     device = resolve_device(cfg["device"])
     return Point(cfg, spec, device, resolve_dtype(cfg["dtype"], device), quantizer.needs_calibration,
@@ -91,8 +93,11 @@ def _validate_eval(ev: dict[str, Any]) -> None:
     for key, low in (("seqlen", 2), ("kl_topk", 1)):
         if not isinstance(ev.get(key), int) or ev[key] < low:
             raise UserError(f"eval.{key}={ev.get(key)!r} must be an integer of at least {low}")
-    if ev.get("max_windows") is not None and (not isinstance(ev["max_windows"], int) or ev["max_windows"] < 1):
-        raise UserError(f"eval.max_windows={ev['max_windows']!r} must be a positive integer, or null for all")
+    limits = ev.get("max_windows")
+    for limit in (limits.values() if isinstance(limits, dict) else [limits]):
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise UserError(f"eval.max_windows={limits!r} must be a positive integer, null for all windows, or a "
+                            "mapping of corpora to those (a corpus not named: all its windows)")
     if not isinstance(ev.get("tasks", []), list):
         raise UserError(f"eval.tasks={ev['tasks']!r} must be a list of lm-eval task names, e.g. [qb_arithmetic]")
     if ev.get("bos", "none") not in ("auto", "none", "text"):
@@ -175,7 +180,7 @@ def _evaluate(point: Point, phase: _Phases) -> dict[str, Any]:
         model, tokenizer = loaded.model, loaded.tokenizer
         texts = {name: data.tokenize(tokenizer, _corpus(cfg, name, "eval"), "eval", ev.get("bos", "none"))
                  for name in ev["corpora"]}
-        windows = {name: data.eval_windows(t.ids, ev["seqlen"], ev["max_windows"]) for name, t in texts.items()}
+        windows = {name: data.eval_windows(t.ids, ev["seqlen"], _max_windows(ev, name)) for name, t in texts.items()}
         reference_path = Path(cfg["out_dir"]) / "baseline" / f"{results.config_hash(point.baseline_key)}.pt"
         reference, reference_nll = _load_reference(reference_path, texts)
         baseline_linears = list(quantizers.arch.target_linears(model, point.spec.quantize_lm_head))
@@ -191,7 +196,7 @@ def _evaluate(point: Point, phase: _Phases) -> dict[str, Any]:
     with phase("task_setup"):
         task_folder, task_manager, task_sources = _prepare_tasks(ev, cfg)
     with phase("calibration"):
-        calib, calib_info = _calibration(point, tokenizer)
+        calib, calib_info = _calibration(point, model, tokenizer)
 
     with phase("quantize"):
         start = time.perf_counter()
@@ -235,6 +240,9 @@ def _evaluate(point: Point, phase: _Phases) -> dict[str, Any]:
         "kernels": kernels,  # QuantLinear layers per backend
         "speed_note": speed_note,
         "stopped_early": stopped,  # why the point's tasks were not run (adaptive evaluation), or None
+        # evaluations of the text the point was calibrated on: optimistic, the report marks them
+        "in_domain": calibration.in_domain(cfg["calib"]["corpus"], ev["corpora"], _task_names(ev))
+        if point.needs_calibration else [],
     }
 
 
@@ -286,19 +294,24 @@ def plan_backends(point: Point, model: nn.Module) -> dict[str, str]:
         raise UserError(str(e)) from None
 
 
+def _max_windows(ev: dict[str, Any], corpus: str) -> int | None:
+    limits = ev.get("max_windows")
+    return limits.get(corpus) if isinstance(limits, dict) else limits
+
+
 def _corpus(cfg: dict[str, Any], name: str, part: str) -> data.CorpusText:
     """A local text that both calibrates and is evaluated is split into disjoint halves; otherwise it is whole."""
-    shared = name == cfg.get("calib", {}).get("corpus")
+    shared = name in calibration.sources(cfg.get("calib", {}).get("corpus", "pydoc"))
     return data.load_corpus(name, cfg.get("data_dirs"), shared=shared, part=part)
 
 
-def _calibration(point: Point, tokenizer) -> tuple[Tensor | None, dict[str, Any] | None]:
+def _calibration(point: Point, model: nn.Module, tokenizer) -> tuple[Tensor | None, dict[str, Any] | None]:
     if not point.needs_calibration:
         return None, None
-    c = point.cfg["calib"]
-    text = data.tokenize(tokenizer, _corpus(point.cfg, c["corpus"], "calib"), "calib")
-    samples = data.calibration_samples(text.ids, c["n_samples"], c["seqlen"], point.cfg["seed"])
-    return samples, {**text.describe(), "corpus": c["corpus"], "n_samples": c["n_samples"], "seqlen": c["seqlen"]}
+    cfg = point.cfg
+    model_key = {"model": cfg["model"], "dtype": str(point.dtype), "device": point.device}
+    return calibration.calibration_set(model, tokenizer, cfg["calib"], cfg["seed"], Path(cfg["out_dir"]) / "calib",
+                                       lambda name: _corpus(cfg, name, "calib"), model_key)
 
 
 @dataclass
