@@ -84,7 +84,8 @@ def _report(argv: list[str]) -> None:
 
 
 def _select(argv: list[str]) -> None:
-    from .results import load_records, write_json_atomic
+    from .report import mixed_code_versions
+    from .results import damaged_records, load_records, write_json_atomic
     from .select import load_policy, select
 
     if not argv:
@@ -93,6 +94,11 @@ def _select(argv: list[str]) -> None:
     selection = select(load_records(out_dir), load_policy(out_dir, argv[1:]))
     write_json_atomic(out_dir / "selection.json", selection)
     print(selection_text(selection))
+    for line in damaged_records(out_dir):
+        print(f"warning: unusable record runs/{line}: its point is not judged", file=sys.stderr)
+    versions = mixed_code_versions(load_records(out_dir))
+    if versions:
+        print(f"warning: points measured by several code versions: {versions}", file=sys.stderr)
 
 
 def selection_text(selection: dict[str, Any]) -> str:

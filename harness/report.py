@@ -30,7 +30,7 @@ def build(out_dir: Path, policy: dict[str, Any]) -> dict[str, Any]:
     if selection is not None:
         results.write_json_atomic(out_dir / "selection.json", selection)
     pngs = plots.draw_all(selection, out_dir / "plots") if selection else []
-    blocks = report_blocks(records, selection, pngs, out_dir)
+    blocks = report_blocks(records, selection, pngs, out_dir) + warning_blocks(records, out_dir)
     (out_dir / "report.md").write_text(to_markdown(blocks, out_dir))
     (out_dir / "report.html").write_text(to_html(blocks))
     return {"frame": frame, "selection": selection, "plots": pngs}
@@ -65,6 +65,31 @@ def report_blocks(records: list[dict], selection: dict | None, pngs: list[Path],
         blocks += [("h2", "Failed runs"),
                    ("ul", [f"`{r['run_id']}`: {r['error']['type']}: {r['error']['message']}" for r in failed])]
     return blocks
+
+
+def warning_blocks(records: list[dict], out_dir: Path) -> list[Block]:
+    """Records that could not be used, and a sweep made by several versions of the code."""
+    blocks: list[Block] = []
+    damaged = results.damaged_records(out_dir)
+    if damaged:
+        blocks += [("h2", "Unusable records"),
+                   ("p", "These files in runs/ could not be read as records, so their points are missing above: "
+                         "delete them and run the sweep again to measure those points."), ("ul", damaged)]
+    versions = mixed_code_versions(records)
+    if versions:
+        blocks += [("h2", "Mixed code versions"),
+                   ("p", "The points were measured by different versions of the harness; numbers may not compare. "
+                         "Per version: " + "; ".join(f"`{v}`: {n} points" for v, n in versions.items()) + ".")]
+    return blocks
+
+
+def mixed_code_versions(records: list[dict]) -> dict[str, int]:
+    """Points per code version, if more than one version made them (else empty)."""
+    counts: dict[str, int] = {}
+    for r in records:
+        v = r.get("env", {}).get("code_version") or "unrecorded"
+        counts[v] = counts.get(v, 0) + 1
+    return counts if len(counts) > 1 else {}
 
 
 def policy_text(selection: dict[str, Any]) -> str:

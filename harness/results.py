@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -40,14 +41,32 @@ def runs_dir(out_dir: Path) -> Path:
 
 
 def read_record(path: Path) -> dict[str, Any] | None:
+    """The record at `path`, or None if it is missing or damaged (see record_problem)."""
+    return None if record_problem(path) else json.loads(path.read_text())
+
+
+def record_problem(path: Path) -> str | None:
+    """Why the record at `path` cannot be used (unreadable, not JSON, not a record), or None."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+        record = json.loads(path.read_text())
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"not valid JSON ({e})"
+    if not isinstance(record, dict) or not {"run_id", "status"} <= set(record):
+        return "not a run record (no run_id and status)"
+    if record["status"] == "ok" and not isinstance(record.get("metrics"), dict):
+        return "a record marked ok without metrics"
+    return None
 
 
 def load_records(out_dir: Path) -> list[dict[str, Any]]:
     return [r for p in sorted(runs_dir(out_dir).glob("*.json")) if (r := read_record(p)) is not None]
+
+
+def damaged_records(out_dir: Path) -> list[str]:
+    """One line per record file of `out_dir` that cannot be used, naming the file and why."""
+    return [f"{p.name}: {why}" for p in sorted(runs_dir(out_dir).glob("*.json")) if (why := record_problem(p))]
 
 
 def records_to_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -80,9 +99,39 @@ def environment(device: str) -> dict[str, Any]:
     import transformers
 
     env = {"python": platform.python_version(), "torch": torch.__version__,
-           "transformers": transformers.__version__, "platform": platform.platform(),
-           "device": device, "device_name": _device_name(device), "git_sha": _git_sha()}
+           "transformers": transformers.__version__, "lm_eval": _version("lm_eval"), "platform": platform.platform(),
+           "device": device, "device_name": _device_name(device), "git_sha": _git_sha(),
+           "code_version": code_version()}
     return env
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """The harness's version: the package's, plus the git commit (and `.dirty` for uncommitted changes) when it
+    runs from a checkout. Resume redoes points whose records another code version made."""
+    sha = _git_sha()
+    version = _version("quantbench")
+    if sha is None:
+        return version
+    return f"{version}+g{sha[:10]}{'.dirty' if _git_dirty() else ''}"
+
+
+def _version(distribution: str) -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version(distribution)
+    except md.PackageNotFoundError:
+        return "unknown"
+
+
+def _git_dirty() -> bool:
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                             timeout=5, cwd=Path(__file__).parent)
+        return bool(out.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def _device_name(device: str) -> str:
@@ -92,6 +141,10 @@ def _device_name(device: str) -> str:
 
 
 def _git_sha() -> str | None:
+    """The commit of the checkout the harness runs from; None when installed (a site-packages folder may sit
+    inside some other repository)."""
+    if not (Path(__file__).resolve().parents[1] / ".git").exists():
+        return None
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).parent)

@@ -138,6 +138,9 @@ class _Judge:
         model, base_model = record.get("model", {}).get("name"), self.base.get("model", {}).get("name")
         if model != base_model:  # another model's windows are other tokens: nothing is paired
             return [{**_unpaired("model"), "reason": f"model {model} is not the baseline's ({base_model})"}]
+        differs = _differs(_setting(record), _setting(self.base), ("dtype", "device"))
+        if differs:  # a bf16 point against a float32 baseline measures the dtype, not the quantization
+            return [{**_unpaired("model"), "reason": f"model: {differs}"}]
         for c in self.corpora:
             nll = point.get(f"nll/{c}")
             differs = _differs(_corpus(record, c), _corpus(self.base, c), ("text", "seqlen", "windows", "bos"))
@@ -147,11 +150,13 @@ class _Judge:
             if nll is None or len(nll) != len(base[f"nll/{c}"]):
                 out.append(_unpaired(f"ppl/{c}"))
                 continue
-            index = self.index(f"nll/{c}", len(nll))
             out.append(self._check(f"ppl/{c}", "max_ppl_increase_pct", c,
-                                   stats.ppl_increase_pct(base[f"nll/{c}"], nll, index, self.confidence), "%"))
-            kl = point.get(f"kl/{c}", [0.0] * len(nll))  # the baseline's KL to itself is zero
-            out.append(self._check(f"kl/{c}", "max_kl", c, stats.mean_value(kl, index, self.confidence), ""))
+                                   stats.ppl_increase_pct(base[f"nll/{c}"], nll, self.confidence), "%"))
+            kl = point.get(f"kl/{c}", [0.0] * len(nll) if record is self.base else None)  # zero only for itself
+            if kl is None or len(kl) != len(nll):
+                out.append({**_unpaired(f"kl/{c}"), "reason": f"kl/{c} not measured for this point"})
+                continue
+            out.append(self._check(f"kl/{c}", "max_kl", c, stats.mean_value(kl, self.confidence), ""))
         drops, replicates = [], []
         for t in self.tasks:
             b, p = _task_samples(self.base, t, self.policy["task_metric"]), _task_samples(record, t,
@@ -163,7 +168,7 @@ class _Judge:
             if p is None or len(p) != len(b):
                 out.append(_unpaired(f"task/{t}", record.get("stopped_early")))
                 continue
-            bound, reps = stats.accuracy_drop(b, p, self.index(f"task/{t}", len(b)), self.confidence)
+            bound, reps = stats.accuracy_drop(b, p, self.confidence)
             drops.append(bound)
             replicates.append(reps)
             out.append(self._check(f"task/{t}", "max_task_drop", t, bound, ""))
@@ -193,6 +198,10 @@ def _corpus(record: dict[str, Any], corpus: str) -> tuple:
     """What makes two records' windows the same: the text's hash, the window length and count."""
     d = record.get("data", {}).get("eval", {}).get(corpus, {})
     return d.get("sha256"), d.get("seqlen"), d.get("windows"), d.get("bos", False)
+
+
+def _setting(record: dict[str, Any]) -> tuple:
+    return record.get("model", {}).get("dtype"), record.get("env", {}).get("device")
 
 
 def _task(record: dict[str, Any], task: str) -> tuple:

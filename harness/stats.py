@@ -1,9 +1,9 @@
-"""Paired bootstrap bounds: how bad a point could be, at a confidence, given the baseline's own samples.
+"""Paired bounds: how bad a point could be, at a confidence, given the baseline's own samples.
 
 Every point is measured on the same evaluation windows and task items as the baseline, so a point's
-differences are paired. Resampling those units (with the same draws for every point, seeded) gives the
-spread of each statistic; the one-sided bound at confidence c is the c-quantile of the resampled
-statistic. A point passes a check only if its bound does: a lucky estimate does not pass.
+differences are paired. A check's one-sided bound at confidence c is Student-t's for the mean paired
+difference (through exp for perplexity); a point passes only if its bound does: a lucky estimate does not
+pass. Bootstrap resampling (the same draws for every point, seeded) tells tied points apart.
 """
 
 from __future__ import annotations
@@ -32,9 +32,15 @@ def draws(name: str, units: int, samples: int, seed: int) -> np.ndarray:
     return rng.integers(0, units, size=(samples, units))
 
 
-def _bound(estimate: float, replicates: np.ndarray, confidence: float, units: int) -> Bound:
-    upper, lower = np.quantile(replicates, [confidence, 1 - confidence])
-    return Bound(float(estimate), float(upper), float(lower), units)
+def _t_bound(d: np.ndarray, confidence: float, transform=lambda x: x) -> Bound:
+    """One-sided Student-t bound of the mean of paired differences `d`, through a monotone `transform`. The
+    percentile bootstrap covered about 91.5% at a nominal 95% over the default 8 windows (it uses the
+    sample's n-denominator spread and normal tails); t's interval holds at such counts (tests/test_stats.py)."""
+    from scipy.stats import t
+
+    mean = float(d.mean())
+    half = float(t.ppf(confidence, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else np.inf
+    return Bound(float(transform(mean)), float(transform(mean + half)), float(transform(mean - half)), d.size)
 
 
 def _paired(base: Sequence[float], point: Sequence[float], what: str) -> np.ndarray:
@@ -44,31 +50,33 @@ def _paired(base: Sequence[float], point: Sequence[float], what: str) -> np.ndar
     return p - b
 
 
-def ppl_increase_pct(base_nll: Sequence[float], point_nll: Sequence[float], index: np.ndarray,
-                     confidence: float) -> Bound:
-    """Relative perplexity increase in percent, 100 (exp(mean NLL_point − mean NLL_base) − 1), per window."""
-    d = _paired(base_nll, point_nll, "perplexity")
-    return _bound(100 * np.expm1(d.mean()), 100 * np.expm1(d[index].mean(axis=1)), confidence, d.size)
+def ppl_increase_pct(base_nll: Sequence[float], point_nll: Sequence[float], confidence: float) -> Bound:
+    """Relative perplexity increase in percent, 100 (exp(mean NLL_point − mean NLL_base) − 1), paired per window."""
+    return _t_bound(_paired(base_nll, point_nll, "perplexity"), confidence, lambda x: 100 * np.expm1(x))
 
 
-def mean_value(values: Sequence[float], index: np.ndarray, confidence: float) -> Bound:
+def mean_value(values: Sequence[float], confidence: float) -> Bound:
     """The mean of per-window values (KL to the baseline is zero for the baseline itself)."""
-    v = np.asarray(values, dtype=np.float64)
-    return _bound(v.mean(), v[index].mean(axis=1), confidence, v.size)
+    return _t_bound(np.asarray(values, dtype=np.float64), confidence)
 
 
-def accuracy_drop(base_correct: Sequence[float], point_correct: Sequence[float], index: np.ndarray,
+def accuracy_drop(base_correct: Sequence[float], point_correct: Sequence[float],
                   confidence: float) -> tuple[Bound, np.ndarray]:
-    """Baseline accuracy minus the point's, per item; also the replicates, for the mean over tasks."""
+    """Baseline accuracy minus the point's, paired per item; also the per-item differences, for the mean over
+    tasks."""
     d = -_paired(base_correct, point_correct, "task items")
-    replicates = d[index].mean(axis=1)
-    return _bound(d.mean(), replicates, confidence, d.size), replicates
+    return _t_bound(d, confidence), d
 
 
-def mean_of(bounds: list[Bound], replicates: list[np.ndarray], confidence: float) -> Bound:
-    """The mean of several statistics whose units were resampled independently (e.g. tasks)."""
-    return _bound(float(np.mean([b.estimate for b in bounds])), np.mean(replicates, axis=0), confidence,
-                  sum(b.units for b in bounds))
+def mean_of(bounds: list[Bound], diffs: list[np.ndarray], confidence: float) -> Bound:
+    """The mean of several tasks' drops, their items independent: the variances of the means add."""
+    from scipy.stats import t
+
+    k = len(diffs)
+    mean = float(np.mean([d.mean() for d in diffs]))
+    se = float(np.sqrt(sum(d.var(ddof=1) / d.size for d in diffs)) / k)
+    half = float(t.ppf(confidence, min(d.size for d in diffs) - 1) * se)
+    return Bound(mean, mean + half, mean - half, sum(b.units for b in bounds))
 
 
 def difference_upper(a: Sequence[float], b: Sequence[float], index: np.ndarray, confidence: float) -> float:

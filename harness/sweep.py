@@ -79,6 +79,8 @@ def make_point(cfg: dict[str, Any]) -> Point:
     except QuantSpecError as e:
         raise UserError(str(e)) from None
     _validate_eval(cfg["eval"])
+    if cfg.get("resume", "same_code") not in ("same_code", "any"):
+        raise UserError(f"resume={cfg.get('resume')!r} must be same_code or any")
     if quantizer.needs_calibration:
         calibration.check(cfg["calib"])
     resolve_source(cfg["model"])  # a missing path fails here, before any work
@@ -122,9 +124,14 @@ def run_point(cfg: dict[str, Any]) -> dict[str, Any]:
     path = results.runs_dir(Path(cfg["out_dir"])) / f"{point.run_id}.json"
     done = results.read_record(path)
     completing = done is not None and bool(done.get("stopped_early")) and not cfg["eval"].get("adaptive")
+    made_by = (done or {}).get("env", {}).get("code_version")
+    same_code = cfg.get("resume", "same_code") == "any" or made_by == results.code_version()
     if done is not None and done.get("status") == "ok" and not completing:
-        log.info("%s: already done, skipped (%s)", point.run_id, path)
-        return done
+        if same_code:
+            log.info("%s: already done, skipped (%s)", point.run_id, path)
+            return done
+        log.info("%s: its record was made by code %s, this is %s: measuring it again (resume=any keeps it)",
+                 point.run_id, made_by, results.code_version())
     _seed_everything(cfg["seed"])
     started_at, start = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
     record: dict[str, Any] = {
