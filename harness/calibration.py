@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from . import data
 from .errors import UserError
@@ -129,6 +130,8 @@ def generate(model: nn.Module, tokenizer, n: int, seqlen: int, seed: int, temper
     gen = torch.Generator(device="cpu").manual_seed(seed)
     sampler = torch.Generator(device=device).manual_seed(seed)
     out = []
+    steps = tqdm(total=-(-n // batch_size) * (seqlen - 1), desc="calibration: sampling from the model", unit="tok",
+                 unit_scale=min(batch_size, n), leave=False)
     for start in range(0, n, batch_size):
         rows = min(batch_size, n - start)
         ids = vocab[torch.randint(len(vocab), (rows, 1), generator=gen)].to(device)
@@ -142,7 +145,9 @@ def generate(model: nn.Module, tokenizer, n: int, seqlen: int, seed: int, temper
                 token = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=sampler)
             ids = torch.cat([ids, token], dim=1)
             step_input = token
+            steps.update()
         out.append(ids.cpu())
+    steps.close()
     return torch.cat(out)
 
 
