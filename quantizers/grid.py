@@ -110,10 +110,12 @@ def quantize(w: Tensor, params: GridParams, bits: int, group_size: int) -> Tenso
 
 
 def dequantize(q: Tensor, params: GridParams, group_size: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """scale × (q − zero) in float32, rounded once to `dtype`: every backend's numbers (a bf16 product would
+    round the float16 scale to bf16's 8 bits first)."""
     in_features = q.shape[1]
-    qg = to_groups(q.to(dtype), group_size)
-    w = (qg - params.zero.to(dtype).unsqueeze(-1)) * params.scale.to(dtype).unsqueeze(-1)
-    return from_groups(w, in_features)
+    qg = to_groups(q.float(), group_size)
+    w = (qg - params.zero.float().unsqueeze(-1)) * params.scale.float().unsqueeze(-1)
+    return from_groups(w, in_features).to(dtype)
 
 
 def fake_quantize(w: Tensor, bits: int, group_size: int, sym: bool) -> Tensor:

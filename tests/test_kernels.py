@@ -224,3 +224,27 @@ def test_dequantized_once_gives_the_reference_values_and_lets_go_after(monkeypat
     for g, e in zip(got, expected, strict=True):
         assert torch.equal(g, e)  # the same values, not merely close
     assert all(layer._dequantized is None for layer in model)
+
+
+def test_every_backend_dequantizes_to_the_same_weights_and_the_same_perplexity(tiny):
+    """One numerical truth per format: scale × (q − zero) in float32, one rounding to the compute dtype."""
+    import copy
+
+    import quantizers
+    from quantizers import QuantSpec
+    from quantizers.kernels import triton_lowbit
+
+    model = copy.deepcopy(tiny[0]).to(torch.bfloat16)
+    quantizers.quantize(model, QuantSpec("rtn", 4, 32))
+    layer = next(m for m in model.modules() if isinstance(m, quantizers.QuantLinear))
+    exact = triton_lowbit.dequantize(layer, torch.float32)  # Triton's interpreter casts to bf16 by truncation
+    assert torch.equal(layer.dequantize_weight(torch.float32), exact)
+    assert torch.equal(layer.dequantize_weight(torch.bfloat16), exact.to(torch.bfloat16))  # one rounding
+    ids = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    nll = {}
+    for backend in ("torch", "cpu_int4"):
+        quantizers.use_backend(model, backend)
+        with torch.no_grad():
+            logits = model(ids).logits.float()
+        nll[backend] = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+    assert abs(nll["torch"] - nll["cpu_int4"]) < 2e-3 * nll["torch"], nll
