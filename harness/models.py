@@ -60,16 +60,27 @@ def resolve_device(device: str) -> str:
 
 
 def load_model(model_cfg: dict[str, Any], dtype: torch.dtype, device: str, seed: int = 0) -> LoadedModel:
-    """A fresh copy of the model (loaded once per process), in eval mode on `device`."""
-    key = json.dumps({"cfg": model_cfg, "dtype": str(dtype), "device": device, "seed": seed}, sort_keys=True)
+    """A fresh copy of the model on `device`, in eval mode. The pristine model is loaded once per process and
+    kept in CPU memory, so a point's device holds only its own copy (its memory is the point's own)."""
+    key = json.dumps({"cfg": model_cfg, "dtype": str(dtype), "seed": seed}, sort_keys=True)
     pristine = _load_pristine(key)
-    return LoadedModel(copy.deepcopy(pristine.model), pristine.tokenizer, dict(pristine.info))
+    model = copy.deepcopy(pristine.model) if device == "cpu" else _copy_to(pristine.model, torch.device(device))
+    return LoadedModel(model, pristine.tokenizer, dict(pristine.info))
+
+
+def _copy_to(model: nn.Module, device: torch.device) -> nn.Module:
+    """A copy of a CPU model on `device` without a second CPU copy: the module structure is copied with its
+    tensors moved one by one."""
+    memo: dict[int, Any] = {id(p): nn.Parameter(p.detach().to(device, copy=True), requires_grad=p.requires_grad)
+                            for p in model.parameters()}
+    memo.update({id(b): b.to(device, copy=True) for b in model.buffers()})
+    return copy.deepcopy(model, memo)
 
 
 @functools.lru_cache(maxsize=1)
 def _load_pristine(key: str) -> LoadedModel:
     spec = json.loads(key)
-    cfg, device, seed = spec["cfg"], spec["device"], spec["seed"]
+    cfg, seed = spec["cfg"], spec["seed"]
     dtype = getattr(torch, spec["dtype"].removeprefix("torch."))
     source, where = resolve_source(cfg)
     if source == "tiny":
@@ -80,7 +91,7 @@ def _load_pristine(key: str) -> LoadedModel:
     else:
         model, tokenizer = _load_transformers(where, source, dtype)
         source_format = str(getattr(model.config, "torch_dtype", None) or getattr(model.config, "dtype", ""))
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to(dtype=dtype).eval()  # stays on the CPU: load_model copies it to the point's device
     info = {
         "name": cfg["name"],
         "source": source,

@@ -233,11 +233,13 @@ def _evaluate(point: Point, phase: _Phases) -> dict[str, Any]:
             metrics.update(task_metrics)
             task_sources = {t: {**task_sources.get(t, {}), **about} for t, about in task_info.items()}
             per_sample.update(task_items)
-    metrics.update(_size_metrics(model, baseline_linears))
     speed_note = no_kernel_note(point, kernels)
     if speed_note is None:
-        with phase("speed"):
+        with phase("speed"), memory.PeakMemory(torch.device(point.device)) as speed_peak:
             metrics.update(_speed_metrics(model, windows[ev["corpora"][0]][0], ev["speed"]))
+        if point.device == "cuda":  # the weights, the KV cache and the activations at the timed settings
+            metrics["speed_peak_mem_bytes"] = speed_peak.peak_bytes
+    metrics.update(_size_metrics(model, baseline_linears))  # after the speed pass: kernels' copies are made
     return {
         "model": loaded.info,
         "data": {"eval": {n: {**t.describe(), "windows": windows[n].shape[0], "seqlen": ev["seqlen"]}

@@ -73,6 +73,13 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return BACKENDS[self.backend].forward(x, self)
 
+    def backend_copies(self) -> list[Tensor]:
+        """Tensors a backend keeps beside the packed storage (its own repacked layout), resident while it serves."""
+        out = []
+        for attr in ("_tinygemm", "_cpu_int4"):
+            out += [t for t in getattr(self, attr, None) or () if isinstance(t, Tensor)]
+        return out
+
     @staticmethod
     def theoretical_bytes(in_features: int, out_features: int, bits: int, group_size: int, sym: bool) -> int:
         """Bytes that the format needs: packed codes, float16 scales, uint8 zeros (asymmetric)."""

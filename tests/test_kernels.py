@@ -248,3 +248,19 @@ def test_every_backend_dequantizes_to_the_same_weights_and_the_same_perplexity(t
             logits = model(ids).logits.float()
         nll[backend] = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
     assert abs(nll["torch"] - nll["cpu_int4"]) < 2e-3 * nll["torch"], nll
+
+
+def test_weight_bytes_count_the_copies_a_backend_keeps(tiny):
+    import copy
+
+    from harness.metrics.memory import weight_bytes
+
+    model = copy.deepcopy(tiny[0])
+    quantizers.quantize(model, QuantSpec("rtn", 4, 32))
+    before = weight_bytes(model)
+    use_backend(model, "cpu_int4")
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 4)))  # the kernel repacks on first use
+    kept = sum(t.untyped_storage().nbytes() for m in model.modules() if isinstance(m, QuantLinear)
+               for t in m.backend_copies())
+    assert kept > 0 and weight_bytes(model) == before + kept

@@ -12,9 +12,11 @@ from quantizers import QuantLinear
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer, counting tied (shared) storage once."""
+    """Bytes of every parameter and buffer, and of the copies a kernel backend keeps beside them (its repacked
+    layout), counting shared storage once."""
     seen: dict[int, int] = {}
-    for t in list(model.parameters()) + list(model.buffers()):
+    copies = [t for m in model.modules() if isinstance(m, QuantLinear) for t in m.backend_copies()]
+    for t in list(model.parameters()) + list(model.buffers()) + copies:
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return sum(seen.values())
 
