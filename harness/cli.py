@@ -68,8 +68,61 @@ def _die(message: str) -> None:
 def _hydra(argv: list[str], multirun: bool) -> None:
     import hydra
 
+    problems = check_grid(argv, multirun)
+    if problems:
+        for line in problems:
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
     sys.argv = [sys.argv[0]] + (["--multirun"] if multirun else []) + argv
     hydra.main(config_path=str(CONFIG_DIR), config_name="sweep", version_base=None)(_task)()
+
+
+def grid_overrides(argv: list[str], multirun: bool) -> list[list[str]]:
+    """Every point's overrides, as Hydra's basic sweeper expands them: the config's hydra.sweeper.params, then
+    the command line's (which win), crossed."""
+    import itertools
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    given = parser.parse_overrides(argv)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        base = compose(config_name="sweep", overrides=[o.input_line for o in given if not o.is_sweep_override()],
+                       return_hydra_config=True)
+    params = dict(base.hydra.sweeper.params or {}) if multirun else {}
+    lines = [f"{k}={v}" for k, v in params.items() if k not in {o.get_key_element() for o in given}]
+    axes = []
+    for o in parser.parse_overrides(lines) + given:
+        key = o.get_key_element()
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        axes.append([f"{key}={v}" for v in values])
+    return [list(point) for point in itertools.product(*axes)]
+
+
+def check_grid(argv: list[str], multirun: bool) -> list[str]:
+    """Every problem of every grid point, one line each, before any work; [] if the grid is sound."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from .sweep import make_point
+
+    try:
+        points = grid_overrides(argv, multirun)
+    except (HydraException, OmegaConfBaseException) as e:
+        return [str(e).splitlines()[0]]
+    problems: dict[str, list[str]] = {}
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        for overrides in points:
+            try:
+                make_point(OmegaConf.to_container(compose(config_name="sweep", overrides=overrides), resolve=True))
+            except UserError as e:
+                problems.setdefault(str(e), []).append(" ".join(overrides))
+            except (HydraException, OmegaConfBaseException) as e:
+                problems.setdefault(str(e).splitlines()[0], []).append(" ".join(overrides))
+    return [f"{message} (in {len(where)} of {len(points)} points, e.g. {where[0]})" if multirun else message
+            for message, where in problems.items()]
 
 
 def _report(argv: list[str]) -> None:

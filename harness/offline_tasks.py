@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from . import data
+from . import data, results
 
 TASKS = ("qb_continuation", "qb_lastword", "qb_arithmetic")
 
@@ -128,10 +128,10 @@ def write_tasks(folder: Path, n_items: int = 200, seed: int = 0) -> dict[str, li
     }
     for name, rows in items.items():
         path = folder / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        results.write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
         output_type, prompt, metrics = _PROMPTS[name]
-        (folder / f"{name}.yaml").write_text(_task_yaml(name, path.resolve(), output_type, prompt, metrics,
-                                                        f"{seed}.{n_items}"))
+        yaml = _task_yaml(name, path.resolve(), output_type, prompt, metrics, f"{seed}.{n_items}")
+        results.write_text_atomic(folder / f"{name}.yaml", yaml)
     return items
 
 
@@ -167,6 +167,6 @@ def write_local_task(folder: Path, name: str, path: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     prompt = {"doc_to_text": spec["text"], "doc_to_choice": spec["choice"], "doc_to_target": spec["target"],
               "target_delimiter": spec["delimiter"]}
-    (folder / f"{name}.yaml").write_text(_task_yaml(name, path.resolve(), "multiple_choice", prompt,
+    results.write_text_atomic(folder / f"{name}.yaml", _task_yaml(name, path.resolve(), "multiple_choice", prompt,
                                                     ("acc", "acc_norm"), "1.0"))
     return name

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from . import results  # noqa: E402
+
 
 def _check(point: dict[str, Any], name: str) -> dict[str, Any] | None:
     return next((c for c in point["checks"] if c["name"] == name), None)
@@ -44,7 +46,7 @@ def _finish(fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    results.write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"), binary=True)
     plt.close(fig)
     return path
 
@@ -100,7 +102,7 @@ def task_deltas(selection: dict[str, Any], path: Path) -> Path | None:
                  f"bars {selection['policy']['confidence']:.0%} bounds)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    results.write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"), binary=True)
     plt.close(fig)
     return path
 

@@ -31,8 +31,8 @@ def build(out_dir: Path, policy: dict[str, Any]) -> dict[str, Any]:
         results.write_json_atomic(out_dir / "selection.json", selection)
     pngs = plots.draw_all(selection, out_dir / "plots") if selection else []
     blocks = report_blocks(records, selection, pngs, out_dir) + warning_blocks(records, out_dir)
-    (out_dir / "report.md").write_text(to_markdown(blocks, out_dir))
-    (out_dir / "report.html").write_text(to_html(blocks))
+    results.write_text_atomic(out_dir / "report.md", to_markdown(blocks, out_dir))
+    results.write_text_atomic(out_dir / "report.html", to_html(blocks))
     return {"frame": frame, "selection": selection, "plots": pngs}
 
 

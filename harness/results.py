@@ -25,15 +25,32 @@ def config_hash(point: dict[str, Any]) -> str:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write to a temporary file in the same folder, then rename: a dying run leaves no half file."""
+    write_atomic(path, lambda f: json.dump(data, f, indent=1, default=str))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text))
+
+
+def write_atomic(path: Path, write, binary: bool = False) -> None:
+    """`write(file)` into a temporary file of the same folder (unique per writer), then renamed over `path`:
+    readers see the old file or the new one, never a half; files get the user's usual permissions."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, default=str)
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def runs_dir(out_dir: Path) -> Path:
@@ -89,10 +106,8 @@ def records_to_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def write_tables(out_dir: Path, frame: pd.DataFrame) -> None:
-    for name, write in (("results.parquet", frame.to_parquet), ("results.csv", frame.to_csv)):
-        tmp = out_dir / f".{name}.tmp"
-        write(tmp, index=False)
-        os.replace(tmp, out_dir / name)
+    write_atomic(out_dir / "results.parquet", lambda f: frame.to_parquet(f, index=False), binary=True)
+    write_atomic(out_dir / "results.csv", lambda f: frame.to_csv(f, index=False))
 
 
 def environment(device: str) -> dict[str, Any]:

@@ -179,8 +179,10 @@ class _Judge:
 
     def _check(self, name: str, key: str, item: str, bound: stats.Bound, unit: str) -> dict[str, Any]:
         threshold = self.policy.get(key) if key == "max_mean_task_drop" else threshold_for(self.policy, key, item)
-        passed = threshold is None or bound.upper <= threshold
-        reason = None if passed else (f"{name} bound {bound.upper:+.4g}{unit} > {threshold}{unit} "
+        finite = math.isfinite(bound.estimate) and math.isfinite(bound.upper)
+        passed = finite and (threshold is None or bound.upper <= threshold)
+        reason = None if passed else (f"{name} is not a finite number ({bound.estimate})" if not finite else
+                                      f"{name} bound {bound.upper:+.4g}{unit} > {threshold}{unit} "
                                       f"(estimate {bound.estimate:+.4g}{unit})")
         # Better than the baseline only if even the bound says so; a lucky estimate is not "better".
         return {"name": name, **bound.as_dict(), "threshold": threshold, "passed": passed, "reason": reason,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 import random
+import socket
 import time
 import traceback
 from contextlib import contextmanager
@@ -73,8 +76,8 @@ def make_point(cfg: dict[str, Any]) -> Point:
         raise UserError(f"quant.backend={backend!r} is not known: use auto or one of {', '.join(quantizers.BACKENDS)}")
     try:
         quantizer = quantizers.get_quantizer(q["method"])
-        spec = QuantSpec(q["method"], q.get("bits"), q.get("group_size"), bool(q.get("sym", False)),
-                         bool(q.get("quantize_lm_head", False)), knobs)
+        spec = QuantSpec(q["method"], q.get("bits"), q.get("group_size"), q.get("sym", False),
+                         q.get("quantize_lm_head", False), knobs)
         quantizer.check_options(spec.options)
     except QuantSpecError as e:
         raise UserError(str(e)) from None
@@ -132,6 +135,56 @@ def run_point(cfg: dict[str, Any]) -> dict[str, Any]:
             return done
         log.info("%s: its record was made by code %s, this is %s: measuring it again (resume=any keeps it)",
                  point.run_id, made_by, results.code_version())
+    with _claim(path.with_suffix(".lock")) as holder:
+        if holder is not None:
+            log.warning("%s: being measured by another sweep (%s): skipped here; if none runs, delete %s",
+                        point.run_id, holder, path.with_suffix(".lock"))
+            return done or {"run_id": point.run_id, "status": "claimed", "claimed_by": holder}
+        return _measure(point, cfg, path)
+
+
+@contextmanager
+def _claim(lock: Path):
+    """Claim a point for this process: yields None when claimed, or who holds it (a live process of this host).
+    A claim whose process is gone is taken over."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    me = f"pid {os.getpid()} on {socket.gethostname()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = lock.read_text(errors="replace").strip() if lock.exists() else ""
+            if _alive(holder):
+                yield holder
+                return
+            lock.unlink(missing_ok=True)  # its process died: the point is free
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        try:
+            yield None
+        finally:
+            lock.unlink(missing_ok=True)
+        return
+    yield None  # could not settle the claim: measure anyway (a record is written atomically either way)
+
+
+def _alive(holder: str) -> bool:
+    parts = holder.split()
+    if len(parts) != 4 or parts[0] != "pid" or not parts[1].isdigit():
+        return False  # not a claim this code wrote (a torn write): stale
+    if parts[3] != socket.gethostname():
+        return True  # another machine's process (a shared folder): it cannot be checked from here
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _measure(point: Point, cfg: dict[str, Any], path: Path) -> dict[str, Any]:
     _seed_everything(cfg["seed"])
     started_at, start = datetime.now(timezone.utc).isoformat(timespec="seconds"), time.perf_counter()
     record: dict[str, Any] = {
@@ -357,6 +410,9 @@ def _quality_pass(model: nn.Module, windows: Tensor, reference: divergence.TopKR
     logits_iter = zip(windows, perplexity.window_logits(model, windows), strict=True)
     for i, (window, logits) in enumerate(tqdm(logits_iter, total=len(windows), desc=desc, unit="win")):
         nll.append(perplexity.token_nll(logits, window.to(logits.device)).mean().item())
+        if not math.isfinite(nll[-1]):
+            raise FloatingPointError(f"{desc}: window {i} has a non-finite loss ({nll[-1]}): the model's logits "
+                                     f"overflow or are NaN in {logits.dtype}; try dtype=float32 or bfloat16")
         if reference is None:
             refs.append(divergence.topk_reference(logits, topk))
         else:
@@ -369,12 +425,23 @@ def _quality_pass(model: nn.Module, windows: Tensor, reference: divergence.TopKR
     return QualityResult(nll, torch.cat(kl), torch.cat(top1), n)
 
 
+def _load_reference_file(path: Path) -> dict | None:
+    try:
+        return torch.load(path, weights_only=True) if path.exists() else None
+    except Exception:  # unreadable: rebuilt by this point
+        return None
+
+
 def _load_reference(path: Path, texts: dict[str, data.TokenizedText]
                     ) -> tuple[dict[str, divergence.TopKReference] | None, dict[str, list[float]] | None]:
     """The baseline's top-k log-probabilities and NLL per window, per corpus; (None, None) if not made yet."""
     if not path.exists():
         return None, None
-    saved = torch.load(path, weights_only=True)
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception as e:  # a torn or corrupted file: torch raises many types
+        log.warning("baseline reference %s is unreadable (%s: %s): recomputing it", path, type(e).__name__, e)
+        return None, None
     if any(name not in saved or saved[name]["sha256"] != t.sha256 for name, t in texts.items()):
         log.warning("baseline reference %s was made on other text: recomputing it", path)
         return None, None
@@ -384,14 +451,17 @@ def _load_reference(path: Path, texts: dict[str, data.TokenizedText]
 
 def _save_reference(path: Path, quality: dict[str, QualityResult], texts: dict[str, data.TokenizedText],
                     merge: bool = False) -> None:
-    saved = torch.load(path, weights_only=True) if merge and path.exists() else {}
+    saved = (_load_reference_file(path) if merge else None) or {}
     for name, q in quality.items():
         saved[name] = {"sha256": texts[name].sha256, "logprobs": q.reference.logprobs,
                        "ids": q.reference.ids.to(torch.int32), "nll_per_window": q.nll_per_window}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(saved, tmp)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process: concurrent sweeps never share it
+    try:
+        torch.save(saved, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _size_metrics(model: nn.Module, target_names: list[str]) -> dict[str, float]:

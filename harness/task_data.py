@@ -293,7 +293,7 @@ def write_mmlu(folder: Path, task: str, where: Path, yaml_of: Callable[[str], Pa
         names = [f"mmlu_{s}" for s in sorted(rows)]
         group = {"group": "mmlu", "task": names, "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],
                  "metadata": {"version": 2}}
-        (folder / "mmlu.yaml").write_text(json.dumps(group, indent=1))  # JSON is YAML
+        _write_atomic(folder / "mmlu.yaml", json.dumps(group, indent=1))  # JSON is YAML
     return info
 
 
@@ -332,9 +332,9 @@ def _write(folder: Path, task: str, lm_eval_yaml: Path, splits: dict[str, list[R
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{hashlib.sha256(text.encode()).hexdigest()[:8]}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    from .results import write_text_atomic
+
+    write_text_atomic(path, text)
 
 
 def _sha256(path: Path) -> str:

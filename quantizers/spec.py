@@ -29,13 +29,17 @@ class QuantSpec:
             object.__setattr__(self, "group_size", None)
             object.__setattr__(self, "sym", False)
             return
-        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise QuantSpecError(f"quant.bits={self.bits} is not supported: use an integer from 2 to 8")
-        if not isinstance(self.group_size, int) or self.group_size == 0 or self.group_size < -1:
+        if (isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size == 0
+                or self.group_size < -1):
             raise QuantSpecError(
                 f"quant.group_size={self.group_size} is not valid: use a positive group size, "
                 "or -1 for one group per output channel"
             )
+        for name in ("sym", "quantize_lm_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise QuantSpecError(f"quant.{name}={getattr(self, name)!r} must be true or false")
 
     @property
     def is_baseline(self) -> bool:
