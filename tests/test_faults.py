@@ -1,0 +1,71 @@
+"""Faults and bad input: each fails where it should, says so in one line, and loses nothing else."""
+
+import json
+import os
+import socket
+import stat
+
+import pytest
+from conftest import run_cli
+
+TINY = ["model=tiny-llama", "eval=quick"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["quant=fp16,rtn", "quant.bits=8,9,4"], "quant.bits=9 is not supported: use an integer from 2 to 8 (in 3 of 18"),
+    (["quant=rtn", "quant.group_size=true"], "quant.group_size=True is not valid"),
+    (["quant=rtn", "quant.sym=no"], "quant.sym='no' must be true or false"),
+    (["quant=gptq", "calib.n_samples=0"], "calib.n_samples=0 must be an integer of at least 1"),
+    (["quant=gptq", "calib.corpus=nowhere"], "calib.corpus: unknown source 'nowhere'"),
+    (["quant=fp16", "eval.bos=maybe"], "eval.bos='maybe' must be auto, none or text"),
+    (["quant=fp16", "resume=sometimes"], "resume='sometimes' must be same_code or any"),
+    (["quant=fp16", "eval.max_windows={pydoc: 0}"], "eval.max_windows={'pydoc': 0} must be a positive integer"),
+])
+def test_a_bad_grid_is_refused_before_any_work_one_line_per_problem(tmp_path, overrides, message):
+    proc = run_cli("sweep", *TINY, *overrides, f"out_dir={tmp_path}")
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert all(line.startswith("error: ") for line in proc.stderr.strip().splitlines())
+    assert not (tmp_path / "runs").exists()  # nothing was measured
+
+
+def test_a_binary_corpus_is_refused_with_one_line(tmp_path):
+    proc = run_cli("run", *TINY, "quant=fp16", "eval.corpora=[/bin/ls]", f"out_dir={tmp_path}")
+    assert proc.returncode == 2 and "looks like a binary file, not text" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_point_with_non_finite_losses_fails_and_says_why(tmp_path):
+    proc = run_cli("run", *TINY, "quant=fp16", "dtype=float16", "+model.config.initializer_range=1.0",
+                   "model.config.hidden_size=1024", "model.config.intermediate_size=4096", f"out_dir={tmp_path}")
+    assert proc.returncode == 1
+    [record] = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
+    assert record["status"] == "failed" and record["error"]["type"] == "FloatingPointError"
+    assert "non-finite loss" in record["error"]["message"] and "dtype=float32" in record["error"]["message"]
+
+
+def test_a_damaged_baseline_reference_is_recomputed_and_records_are_readable_by_others(tmp_path):
+    grid = [*TINY, "quant=fp16,rtn", "quant.bits=4", "quant.group_size=32", f"out_dir={tmp_path}"]
+    assert run_cli("sweep", *grid).returncode == 0
+    [reference] = list((tmp_path / "baseline").glob("*.pt"))
+    reference.write_bytes(b"\x00garbage" * 10)
+    rtn = next(p for p in (tmp_path / "runs").glob("*.json") if "-rtn-" in p.name)
+    rtn.unlink()
+    proc = run_cli("sweep", *grid)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "is unreadable" in proc.stdout + proc.stderr and json.loads(rtn.read_text())["status"] == "ok"
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(rtn.stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_point_claimed_by_a_live_sweep_is_left_to_it_and_a_dead_claim_is_taken_over(tmp_path):
+    grid = [*TINY, "quant=fp16,rtn", "quant.bits=4", "quant.group_size=32", f"out_dir={tmp_path}"]
+    assert run_cli("sweep", *grid).returncode == 0
+    rtn = next(p for p in (tmp_path / "runs").glob("*.json") if "-rtn-" in p.name)
+    rtn.unlink()
+    lock = rtn.with_suffix(".lock")
+    lock.write_text(f"pid {os.getpid()} on {socket.gethostname()}")  # this test process: alive
+    proc = run_cli("sweep", *grid)
+    assert "being measured by another sweep" in proc.stdout + proc.stderr and not rtn.exists()
+    lock.write_text(f"pid 4194999 on {socket.gethostname()}")  # no such process
+    proc = run_cli("sweep", *grid)
+    assert proc.returncode == 0 and rtn.exists() and not lock.exists()
