@@ -24,8 +24,7 @@ import quantizers
 from harness.decoder import StaticDecoder
 from harness.metrics.speed import decode_tok_s
 from harness.models import load_model
-from quantizers import QuantSpec
-from quantizers.kernels import use_backend
+from quantizers import QuantSpec, use_backend
 
 PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 

@@ -17,9 +17,9 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from quantizers import QuantLinear
+from quantizers import QuantLinear, use_backend
 from quantizers.arch import set_module, target_linears
-from quantizers.kernels import BACKENDS, use_backend
+from quantizers.kernels import BACKENDS
 from quantizers.linear import fuse_rows
 
 from . import shapes
@@ -270,7 +270,7 @@ def _plot(frame: pd.DataFrame, path: Path) -> None:
 def main(overrides: list[str]) -> None:
     from omegaconf import OmegaConf
 
-    from .cli import CONFIG_DIR
+    from . import CONFIG_DIR
 
     cfg = OmegaConf.load(CONFIG_DIR / "bench.yaml")
     OmegaConf.set_struct(cfg, True)

@@ -128,6 +128,7 @@ def resolve_source(cfg: dict[str, Any]) -> tuple[str, str]:
     return "hub", name
 
 
+@functools.lru_cache(maxsize=32)
 def _package_file(name: str) -> Path | None:
     dist_name, _, file_name = name.partition("/")
     if not dist_name or not file_name:

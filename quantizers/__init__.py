@@ -1,8 +1,8 @@
 """The bundled quantizers: `quantize(model, spec, calib)` on any transformers causal LM."""
 
 from . import awq, baseline, gptq, rtn  # noqa: F401  (registers the methods)
-from .kernels import BACKENDS, BackendError, LayerFormat, check_backend, use_backend
-from .linear import QuantLinear, dequantized_once
+from .kernels import BACKENDS, BackendError, LayerFormat, check_backend
+from .linear import QuantLinear, dequantized_once, use_backend
 from .registry import QUANTIZERS, get_quantizer, quantize, register
 from .spec import QuantSpec, QuantSpecError
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -9,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import grid, packing
-from .kernels import BACKENDS
+from .kernels import BACKENDS, check_backend
 from .kernels.layer_format import LayerFormat
 
 
@@ -152,3 +153,15 @@ def fuse_rows(layers: list[nn.Module]) -> nn.Module | None:
     if isinstance(fused, QuantLinear):
         BACKENDS[fused.backend].prepare(fused)
     return fused
+
+
+def use_backend(model: nn.Module, name: str = "auto") -> dict[str, int]:
+    """Set (and prepare) the kernel backend of every QuantLinear of the model, on the device it is on.
+    `auto` picks per layer; a named backend that cannot serve a layer raises BackendError naming the
+    layer, why, and the backends that can. Returns how many layers each backend got."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    chosen = check_backend(name, {n: (m.format, m.qweight.device) for n, m in layers.items()})
+    for layer_name, layer in layers.items():
+        BACKENDS[chosen[layer_name]].prepare(layer)
+        layer.backend = chosen[layer_name]
+    return dict(Counter(chosen.values()))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import quantizers
-from quantizers import LayerFormat, QuantLinear, QuantSpec, grid
-from quantizers.kernels import BACKENDS, BackendError, choose, cuda_gemv, triton_lowbit, triton_pairs, use_backend
+from quantizers import LayerFormat, QuantLinear, QuantSpec, grid, use_backend
+from quantizers.kernels import BACKENDS, BackendError, choose, cuda_gemv, triton_lowbit, triton_pairs
 from quantizers.kernels.torch_ref import dequantize_matmul
 
 

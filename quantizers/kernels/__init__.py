@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import logging
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -129,20 +128,6 @@ def serving(layer: LayerFormat, device: torch.device) -> list[str]:
 def choose(layer: LayerFormat, device: torch.device) -> str:
     preference = PREFERENCE.get(device.type, ("torch",))
     return next(name for name in preference if BACKENDS[name].why_not(layer, device) is None)
-
-
-def use_backend(model: nn.Module, name: str = "auto") -> dict[str, int]:
-    """Set (and prepare) the kernel backend of every QuantLinear of the model, on the device it is on.
-    `auto` picks per layer; a named backend that cannot serve a layer raises BackendError naming the
-    layer, why, and the backends that can. Returns how many layers each backend got."""
-    from ..linear import QuantLinear
-
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    chosen = check_backend(name, {n: (m.format, m.qweight.device) for n, m in layers.items()})
-    for layer_name, layer in layers.items():
-        BACKENDS[chosen[layer_name]].prepare(layer)
-        layer.backend = chosen[layer_name]
-    return dict(Counter(chosen.values()))
 
 
 def check_backend(name: str, layers: dict[str, tuple[LayerFormat, torch.device]]) -> dict[str, str]:
