@@ -2,4 +2,4 @@
 
 from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the package: found wherever it is installed

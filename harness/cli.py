@@ -15,11 +15,11 @@ from .errors import UserError
 COMMANDS = ("sweep", "run", "report", "select", "bench")
 USAGE = """usage: python -m harness COMMAND [args]
 
-  sweep [overrides]          Hydra multirun over the grid in configs/sweep.yaml
+  sweep [overrides]          Hydra multirun over the grid in harness/configs/sweep.yaml
   run [overrides]            one grid point
   report DIR                 rebuild tables, plots and report.md from DIR/runs/
-  select DIR [key=value ...] the verdict under a policy (configs/select/default.yaml), selection.json
-  bench [key=value ...]      kernel speed per backend and precision against bf16 (configs/bench.yaml)
+  select DIR [key=value ...] the verdict under a policy (harness/configs/select/default.yaml), selection.json
+  bench [key=value ...]      kernel speed per backend and precision against bf16 (harness/configs/bench.yaml)
 
 overrides are Hydra's: quant=rtn quant.bits=4,3 quant.group_size=64 model=tiny-llama eval=quick out_dir=DIR"""
 

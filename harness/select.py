@@ -26,7 +26,7 @@ THRESHOLD_KEYS = ("max_ppl_increase_pct", "max_kl", "max_task_drop")
 
 
 def load_policy(out_dir: Path | str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """configs/select/default.yaml, then the policy the sweep in `out_dir` ran with, then `key=value` overrides
+    """harness/configs/select/default.yaml, then the policy the sweep in `out_dir` ran with, then `key=value` overrides
     (`max_kl=0.05`, `'max_task_drop={qb_arithmetic: 0.1}'`)."""
     policy = OmegaConf.load(CONFIG_DIR / "select" / "default.yaml")
     used = None

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="session")
 def tiny():
-    """(model, tokenizer): the random tiny Llama of configs/model/tiny-llama.yaml's shape, float32, eval mode."""
+    """(model, tokenizer): the random tiny Llama of harness/configs/model/tiny-llama.yaml, float32, eval mode."""
     model, tokenizer = build_tiny_llama({}, seed=0)
     return model.eval(), tokenizer
 

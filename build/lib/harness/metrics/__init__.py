@@ -1,0 +1,1 @@
+"""Pure metric functions of (model, data): they return values and never print or write."""
