@@ -23,7 +23,7 @@ from .errors import UserError
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("auto", "hub", "local", "gguf", "package", "tiny")
+SOURCES = ("auto", "hub", "local", "gguf", "package", "tiny", "shape")
 
 
 @dataclass
@@ -86,6 +86,11 @@ def _load_pristine(key: str) -> LoadedModel:
     if source == "tiny":
         model, tokenizer = build_tiny_llama(cfg.get("config") or {}, seed)
         source_format = "random init (seeded)"
+    elif source == "shape":
+        from . import shapes
+
+        model, tokenizer = shapes.build(where, "cpu", seed, dtype), byte_tokenizer()
+        source_format = f"random init (seeded) of {where}'s shape"
     elif source in ("gguf", "package"):
         model, tokenizer, source_format = _load_gguf_cached(Path(where), dtype)
     else:
@@ -111,6 +116,12 @@ def resolve_source(cfg: dict[str, Any]) -> tuple[str, str]:
         raise UserError(f"model.source={source!r} is not known: use one of {', '.join(SOURCES)}")
     if source == "tiny":
         return "tiny", name
+    if source == "shape":
+        from .shapes import SHAPES
+
+        if name not in SHAPES:
+            raise UserError(f"model.name={name!r} is not a known shape: use one of {', '.join(SHAPES)}")
+        return "shape", name
     if source in ("auto", "package"):
         packaged = _package_file(name)
         if packaged is not None:

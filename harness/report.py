@@ -205,6 +205,8 @@ def setup_lines(record: dict, records: list[dict]) -> list[str]:
              f"source format: {model['source_format']}; evaluated in {model['dtype']}.",
              f"Machine: {env['device_name']}; python {env['python']}, torch {env['torch']}, "
              f"transformers {env['transformers']}."]
+    if model["source_format"].startswith("random init"):
+        lines.append("The weights are random: quality numbers mean nothing here; time and memory are real.")
     if "Q4" in model["source_format"] or "Q8" in model["source_format"]:
         lines.append("The source weights are themselves a low-bit GGUF, dequantized on load: the baseline is that "
                      "dequantized model, not the original bf16 release.")

@@ -14,3 +14,16 @@ def test_a_points_model_is_copied_tensor_by_tensor_keeping_tied_weights(tiny):
     ids = torch.randint(0, 256, (1, 12))
     assert torch.equal(again(ids).logits, model(ids).logits)
     assert again.lm_head.weight.data_ptr() != model.lm_head.weight.data_ptr()
+
+
+def test_a_model_of_a_known_shape_is_built_with_random_weights_and_said_to_be_so():
+    import pytest
+
+    from harness.errors import UserError
+    from harness.models import load_model, resolve_source
+
+    with pytest.raises(UserError, match="not a known shape: use one of llama3-8b"):
+        resolve_source({"name": "gpt5", "source": "shape"})
+    loaded = load_model({"name": "smollm2-135m", "source": "shape"}, torch.bfloat16, "cpu")
+    assert 130e6 < loaded.info["params"] < 140e6 and loaded.info["source_format"].startswith("random init")
+    assert next(loaded.model.parameters()).dtype == torch.bfloat16
