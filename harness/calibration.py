@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from . import data
 from .errors import UserError
+from .results import code_version
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,8 @@ def calibration_set(model: nn.Module, tokenizer, calib: dict[str, Any], seed: in
         source_seed = seed + 1000 * i  # each source its own draws, stable when another source is added
         if source == SELF:
             settings = dict(calib.get("self") or {})
-            key = {"model": model_key, "source": SELF, "n": count, "seqlen": seqlen, "seed": source_seed, **settings}
+            key = {"model": model_key, "source": SELF, "n": count, "seqlen": seqlen, "seed": source_seed,
+                   "code": code_version(), **settings}
             samples = _cached(cache, key, lambda c=count, s=source_seed, g=settings: generate(model, tokenizer, c,
                                                                                                seqlen, s, **g))
             about[source] = {"samples": count, "tokens": samples.numel(), "seed": source_seed, "generation": settings,
@@ -107,10 +109,9 @@ def _cached(cache: Path, key: dict[str, Any], build) -> Tensor:
         except (OSError, RuntimeError, EOFError) as e:
             log.warning("calibration cache %s is unreadable (%s): building it again", path, e)
     samples = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{torch.randint(1 << 30, ()).item()}.tmp")
-    torch.save(samples, tmp)
-    tmp.replace(path)
+    from .results import write_atomic
+
+    write_atomic(path, lambda f: torch.save(samples, f), binary=True)
     return samples
 
 

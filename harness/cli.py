@@ -101,7 +101,11 @@ def grid_overrides(argv: list[str], multirun: bool) -> list[list[str]]:
 
 
 def check_grid(argv: list[str], multirun: bool) -> list[str]:
-    """Every problem of every grid point, one line each, before any work; [] if the grid is sound."""
+    """Every problem of every grid point, one line each, before any work; [] if the grid is sound. Command
+    lines this check cannot expand (Hydra's own flags, glob sweeps, hydra: interpolations) go to Hydra as
+    they are."""
+    if any(arg.startswith("-") for arg in argv):
+        return []
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -110,8 +114,8 @@ def check_grid(argv: list[str], multirun: bool) -> list[str]:
 
     try:
         points = grid_overrides(argv, multirun)
-    except (HydraException, OmegaConfBaseException) as e:
-        return [str(e).splitlines()[0]]
+    except (HydraException, OmegaConfBaseException, ValueError):
+        return []  # Hydra itself will say what is wrong, or expand what this cannot
     problems: dict[str, list[str]] = {}
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         for overrides in points:
@@ -119,8 +123,8 @@ def check_grid(argv: list[str], multirun: bool) -> list[str]:
                 make_point(OmegaConf.to_container(compose(config_name="sweep", overrides=overrides), resolve=True))
             except UserError as e:
                 problems.setdefault(str(e), []).append(" ".join(overrides))
-            except (HydraException, OmegaConfBaseException) as e:
-                problems.setdefault(str(e).splitlines()[0], []).append(" ".join(overrides))
+            except (HydraException, OmegaConfBaseException, ValueError):
+                continue  # left to Hydra
     return [f"{message} (in {len(where)} of {len(points)} points, e.g. {where[0]})" if multirun else message
             for message, where in problems.items()]
 

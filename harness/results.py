@@ -38,7 +38,7 @@ def write_atomic(path: Path, write, binary: bool = False) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
         os.replace(tmp, path)
@@ -47,10 +47,13 @@ def write_atomic(path: Path, write, binary: bool = False) -> None:
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it: once, at import, before any thread starts
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def runs_dir(out_dir: Path) -> Path:

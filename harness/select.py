@@ -1,6 +1,6 @@
 """The verdict: the most aggressive point whose quality stays within the policy's bar, with confidence.
 
-A point passes only if every check's bound (paired bootstrap over the baseline's windows and items,
+A point passes only if every check's bound (Student-t's, paired over the baseline's windows and items,
 `harness.stats`) is within its threshold. Among passing points the objective decides; points tied on it
 are told apart by quality only where the difference is beyond noise, then by decode speed.
 """

@@ -47,11 +47,14 @@ class Point:
         # adaptive evaluation decides how much of a point to measure, not what it measures: a point stopped
         # early is completed in place when it is asked for with eval.adaptive=false
         ev = {k: v for k, v in self.cfg["eval"].items() if k not in ("adaptive", "adaptive_confidence")}
-        return {
+        identity = {
             "model": self.cfg["model"], "quant": self.spec.to_dict(), "eval": ev,
             "calib": self.cfg["calib"] if self.needs_calibration else None,
             "seed": self.cfg["seed"], "dtype": str(self.dtype), "device": self.device, "backend": self.backend,
         }
+        if self.halved:  # another calib.corpus would evaluate the whole text: another point
+            identity["halved"] = self.halved
+        return identity
 
     @property
     def run_id(self) -> str:
@@ -63,7 +66,14 @@ class Point:
         ev = self.cfg["eval"]
         return {"model": self.cfg["model"], "seed": self.cfg["seed"], "dtype": str(self.dtype), "device": self.device,
                 "corpora": ev["corpora"], "seqlen": ev["seqlen"], "max_windows": ev["max_windows"],
-                "kl_topk": ev["kl_topk"], "bos": ev.get("bos", "none")}
+                "kl_topk": ev["kl_topk"], "bos": ev.get("bos", "none"), "code": results.code_version(),
+                "halved": self.halved}
+
+    @property
+    def halved(self) -> list[str]:
+        """Evaluated local texts that are also calibration sources, and so evaluated on one half only."""
+        sources = calibration.sources(self.cfg.get("calib", {}).get("corpus", "self"))
+        return sorted(c for c in self.cfg["eval"]["corpora"] if c in sources and Path(c).expanduser().is_file())
 
 
 def make_point(cfg: dict[str, Any]) -> Point:
@@ -127,10 +137,9 @@ def run_point(cfg: dict[str, Any]) -> dict[str, Any]:
     path = results.runs_dir(Path(cfg["out_dir"])) / f"{point.run_id}.json"
     done = results.read_record(path)
     completing = done is not None and bool(done.get("stopped_early")) and not cfg["eval"].get("adaptive")
-    made_by = (done or {}).get("env", {}).get("code_version")
-    same_code = cfg.get("resume", "same_code") == "any" or made_by == results.code_version()
     if done is not None and done.get("status") == "ok" and not completing:
-        if same_code:
+        made_by = done.get("env", {}).get("code_version")
+        if _same_code(done, cfg):
             log.info("%s: already done, skipped (%s)", point.run_id, path)
             return done
         log.info("%s: its record was made by code %s, this is %s: measuring it again (resume=any keeps it)",
@@ -140,7 +149,15 @@ def run_point(cfg: dict[str, Any]) -> dict[str, Any]:
             log.warning("%s: being measured by another sweep (%s): skipped here; if none runs, delete %s",
                         point.run_id, holder, path.with_suffix(".lock"))
             return done or {"run_id": point.run_id, "status": "claimed", "claimed_by": holder}
+        again = results.read_record(path)  # another sweep may have finished it while this one looked
+        if again != done and again is not None and again.get("status") == "ok" and _same_code(again, cfg):
+            return again
         return _measure(point, cfg, path)
+
+
+def _same_code(record: dict[str, Any], cfg: dict[str, Any]) -> bool:
+    made_by = record.get("env", {}).get("code_version")
+    return cfg.get("resume", "same_code") == "any" or made_by == results.code_version()
 
 
 @contextmanager
@@ -149,32 +166,41 @@ def _claim(lock: Path):
     A claim whose process is gone is taken over."""
     lock.parent.mkdir(parents=True, exist_ok=True)
     me = f"pid {os.getpid()} on {socket.gethostname()}"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = lock.read_text(errors="replace").strip() if lock.exists() else ""
-            if _alive(holder):
-                yield holder
-                return
-            lock.unlink(missing_ok=True)  # its process died: the point is free
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        try:
-            yield None
-        finally:
-            lock.unlink(missing_ok=True)
-        return
-    yield None  # could not settle the claim: measure anyway (a record is written atomically either way)
+    mine = lock.with_name(f".{lock.name}.{os.getpid()}.tmp")
+    mine.write_text(me)  # complete before it is published: a reader never sees a half-written claim
+    try:
+        for _ in range(2):
+            try:
+                os.link(mine, lock)
+            except FileExistsError:
+                if _alive(lock):
+                    yield lock.read_text(errors="replace").strip()
+                    return
+                lock.unlink(missing_ok=True)  # its process died (or went silent for CLAIM_TTL_S): free
+                continue
+            try:
+                yield None
+            finally:
+                lock.unlink(missing_ok=True)
+            return
+        yield None  # could not settle the claim: measure anyway (a record is written atomically either way)
+    finally:
+        mine.unlink(missing_ok=True)
 
 
-def _alive(holder: str) -> bool:
+CLAIM_TTL_S = 6 * 3600  # a claim of another machine older than this is taken to be dead
+
+
+def _alive(lock: Path) -> bool:
+    try:
+        holder, age_s = lock.read_text(errors="replace"), time.time() - lock.stat().st_mtime
+    except OSError:
+        return False
     parts = holder.split()
     if len(parts) != 4 or parts[0] != "pid" or not parts[1].isdigit():
-        return False  # not a claim this code wrote (a torn write): stale
+        return False  # not a claim this code wrote
     if parts[3] != socket.gethostname():
-        return True  # another machine's process (a shared folder): it cannot be checked from here
+        return age_s < CLAIM_TTL_S  # another machine's process (a shared folder): not checkable from here
     try:
         os.kill(int(parts[1]), 0)
     except ProcessLookupError:
@@ -317,7 +343,8 @@ def _prepare_tasks(ev: dict[str, Any], cfg: dict[str, Any]) -> tuple[Path | None
     offline_tasks.write_tasks(folder, seed=cfg["seed"])
     for name, path in (ev.get("local_tasks") or {}).items():
         offline_tasks.write_local_task(folder, name, Path(path).expanduser())
-    sources = {name: task_data.write_task(folder, name, Path(str(where)).expanduser(), tasks.lm_eval_yaml)
+    shots = ev.get("num_fewshot") or 0
+    sources = {name: task_data.write_task(folder, name, Path(str(where)).expanduser(), tasks.lm_eval_yaml, shots)
                for name, where in (ev.get("task_data") or {}).items()}
     manager = tasks.task_manager(folder, only=_task_names(ev))
     tasks.check_task_names(_task_names(ev), manager)

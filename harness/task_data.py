@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 
 from .errors import UserError
 
+log = logging.getLogger(__name__)
 Record = dict[str, Any]
 
 
@@ -247,7 +249,8 @@ def mmlu_files(where: Path) -> dict[str, dict[str, Path]]:
     subjects: dict[str, dict[str, Path]] = {}
     for p in files:
         subject, _, split = p.stem.rpartition("_")
-        if split in ("test", "dev"):
+        in_split_folder = p.parent.name in ("test", "dev") or where.is_file() or p.parent == where
+        if split in ("test", "dev") and in_split_folder:  # not auxiliary_train/'s other datasets
             subjects.setdefault(subject, {})[split] = p
     return {s: f for s, f in subjects.items() if "test" in f}
 
@@ -255,9 +258,11 @@ def mmlu_files(where: Path) -> dict[str, dict[str, Path]]:
 # ---------------------------------------------------------------- writing tasks
 
 
-def write_task(folder: Path, task: str, where: Path, yaml_of: Callable[[str], Path | None]) -> dict[str, Any]:
+def write_task(folder: Path, task: str, where: Path, yaml_of: Callable[[str], Path | None],
+               shots: int = 0) -> dict[str, Any]:
     """The converted rows and a task YAML in `folder` for one lm-eval task (MMLU: for each subject); returns
-    what the record keeps of where the items came from."""
+    what the record keeps of where the items came from. With `shots` > 0 the examples come from the task's
+    training file, as lm-eval's own task draws them (MMLU: its dev files)."""
     if family_of(task) == "mmlu":
         return write_mmlu(folder, task, where, yaml_of)
     lm_eval_yaml = yaml_of(task)
@@ -268,8 +273,25 @@ def write_task(folder: Path, task: str, where: Path, yaml_of: Callable[[str], Pa
     eval_split = evaluated_split(lm_eval_yaml)
     path = pick_file(task, where, eval_split)
     rows, layout = convert(task, path)
-    return _write(folder, task, lm_eval_yaml, {eval_split: rows}, eval_split,
-                  {"file": str(path.resolve()), "layout": layout, "file_sha256": _sha256(path)})
+    splits = {eval_split: rows}
+    info = {"file": str(path.resolve()), "layout": layout, "file_sha256": _sha256(path)}
+    if shots > 0 and eval_split != "train":
+        train = _training_file(task, where, path)
+        splits["train"] = convert(task, train)[0]
+        info["shots_from"] = str(train.resolve())
+    return _write(folder, task, lm_eval_yaml, splits, eval_split, info)
+
+
+def _training_file(task: str, where: Path, evaluated: Path) -> Path:
+    folder = where if where.is_dir() else where.parent
+    try:
+        train = pick_file(task, folder, "train")
+    except UserError:
+        train = None
+    if train is None or train == evaluated:
+        raise UserError(f"eval.num_fewshot > 0: {task}'s few-shot examples come from its training split, and "
+                        f"{folder} has no single training file (train*.jsonl): add it, or use eval.num_fewshot=null")
+    return train
 
 
 def write_mmlu(folder: Path, task: str, where: Path, yaml_of: Callable[[str], Path | None]) -> dict[str, Any]:
@@ -282,13 +304,16 @@ def write_mmlu(folder: Path, task: str, where: Path, yaml_of: Callable[[str], Pa
         raise UserError(f"eval.task_data.{task}: no MMLU test items under {where} (the authors' <subject>_test.csv "
                         "files, or rows with a subject field)")
     info = {"file": str(where.resolve()), "layout": layout, "subjects": len(rows)}
+    unknown = sorted(s for s in rows if yaml_of(f"mmlu_{s}") is None)
+    if unknown and len(unknown) == len(rows):
+        raise UserError(f"eval.task_data.{task}: {where} has items of subjects lm-eval's MMLU does not have "
+                        f"({', '.join(unknown[:5])})")
+    if unknown:
+        log.warning("eval.task_data.%s: subjects lm-eval's MMLU does not have, left out: %s", task, ", ".join(unknown))
+    rows = {s: splits for s, splits in rows.items() if s not in unknown}
+    info["subjects"] = len(rows)
     for subject, splits in sorted(rows.items()):
-        name = f"mmlu_{subject}"
-        source = yaml_of(name)
-        if source is None:
-            raise UserError(f"eval.task_data.{task}: {where} has items of the subject {subject!r}, which "
-                            "lm-eval's MMLU does not have")
-        _write(folder, name, source, splits, "test", {})
+        _write(folder, f"mmlu_{subject}", yaml_of(f"mmlu_{subject}"), splits, "test", {})
     if task == "mmlu":
         names = [f"mmlu_{s}" for s in sorted(rows)]
         group = {"group": "mmlu", "task": names, "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],
@@ -321,10 +346,12 @@ def _write(folder: Path, task: str, lm_eval_yaml: Path, splits: dict[str, list[R
         data_files[split] = str(path)
     config = {"include": str(lm_eval_yaml), "task": task, "dataset_path": "json", "dataset_name": None,
               "dataset_kwargs": {"data_files": data_files},
-              # only the splits that have data: few-shot examples come from the task's few-shot split if
-              # given (MMLU's dev), else lm-eval draws them from the evaluated split, leaving out the item itself
+              # only the splits that have data: few-shot examples come from the training split (or MMLU's dev),
+              # as in lm-eval's own task; zero-shot needs neither
               "training_split": None, "validation_split": None, "test_split": None, "fewshot_split": None}
     config["test_split" if eval_split == "test" else "validation_split"] = eval_split
+    if "train" in splits:
+        config["training_split"] = "train"
     if "dev" in splits:
         config["fewshot_split"] = "dev"
     _write_atomic(folder / f"{task}.yaml", json.dumps(config, indent=1))

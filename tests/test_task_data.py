@@ -215,3 +215,20 @@ def test_mmlu_rows_in_the_hf_layout_are_split_into_their_subjects(tmp_path):
 def test_a_folder_of_jsonl_and_csv_copies_picks_the_jsonl(tmp_path):
     write_files(tmp_path, {"ARC-Easy-Test.jsonl": "", "ARC-Easy-Test.csv": "", "ARC-Easy-Dev.jsonl": ""})
     assert task_data.pick_file("arc_easy", tmp_path, "test").name == "ARC-Easy-Test.jsonl"
+
+
+def test_few_shot_examples_come_from_the_training_file_as_in_lm_evals_task(tmp_path):
+    write_files(tmp_path / "arc", {"ARC-Easy-Test.jsonl": jsonl(ARC_AI2), "ARC-Easy-Train.jsonl": jsonl(ARC_AI2[:2])})
+    info = task_data.write_task(tmp_path / "tasks", "arc_easy", tmp_path / "arc", tasks.lm_eval_yaml, shots=1)
+    config = json.loads((tmp_path / "tasks" / "arc_easy.yaml").read_text())
+    assert config["training_split"] == "train" and info["shots_from"].endswith("ARC-Easy-Train.jsonl")
+    write_files(tmp_path / "only", {"ARC-Easy-Test.jsonl": jsonl(ARC_AI2)})
+    with pytest.raises(UserError, match="few-shot examples come from its training split"):
+        task_data.write_task(tmp_path / "t2", "arc_easy", tmp_path / "only", tasks.lm_eval_yaml, shots=1)
+
+
+def test_mmlus_authors_folder_reads_only_its_test_and_dev_files(tmp_path):
+    data = tmp_path / "data"
+    write_files(data / "test", {"anatomy_test.csv": '"q","a","b","c","d","A"\n'})
+    write_files(data / "auxiliary_train", {"mc_test.csv": '"q","a","b","c","d","A"\n'})
+    assert set(task_data.mmlu_files(data)) == {"anatomy"}

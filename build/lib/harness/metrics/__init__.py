@@ -1,1 +1,0 @@
-"""Pure metric functions of (model, data): they return values and never print or write."""
