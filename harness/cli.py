@@ -30,6 +30,10 @@ def _task(cfg: DictConfig) -> None:
         run_point(OmegaConf.to_container(cfg, resolve=True))
     except UserError as e:
         _die(str(e))
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished points are kept (runs/*.json); run the same command again to resume",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 class FinishSweep(Callback):
@@ -197,3 +201,7 @@ def main(argv: list[str] | None = None) -> None:
             _die(f"unknown command {command!r}: use one of {', '.join(COMMANDS)}")
     except UserError as e:
         _die(str(e))
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished points are kept (runs/*.json); run the same command again to resume",
+              file=sys.stderr)
+        sys.exit(130)

@@ -90,13 +90,12 @@ def _names(policy: dict[str, Any], key: str, known: list[str], what: str) -> lis
 
 def check_policy(policy: dict[str, Any], base: dict[str, Any]) -> tuple[list[str], list[str]]:
     """The corpora and tasks the policy judges; every name it uses must be one the sweep measured."""
+    check_thresholds(policy)
     if policy["objective"] not in OBJECTIVES:
         raise UserError(f"select.objective={policy['objective']!r} is not known: use one of {', '.join(OBJECTIVES)}")
     if policy["objective"] not in base.get("metrics", {}):
         raise UserError(f"select.objective={policy['objective']} was not measured by this sweep: use one of "
                         + ", ".join(o for o in OBJECTIVES if o in base.get("metrics", {})))
-    if not 0.5 <= float(policy["confidence"]) < 1:
-        raise UserError(f"select.confidence={policy['confidence']} must be in [0.5, 1), e.g. 0.95")
     have = measured(base)
     if not have["corpora"] and not have["tasks"]:
         raise UserError("the baseline record holds no per-window or per-item samples (per_sample): it predates "
@@ -112,6 +111,27 @@ def check_policy(policy: dict[str, Any], base: dict[str, Any]) -> tuple[list[str
         if isinstance(policy.get(key), Mapping):
             _names({key: list(policy[key])}, key, names, what)
     return corpora, tasks
+
+
+THRESHOLDS = {"max_ppl_increase_pct": "a percentage", "max_kl": "nats per token, at least 0",
+              "max_task_drop": "an accuracy drop (0.05 = 5 points)", "max_mean_task_drop": "an accuracy drop"}
+
+
+def check_thresholds(policy: Mapping[str, Any]) -> None:
+    """Every threshold a finite number (a {name: number} map where allowed) or null; KL bars not negative."""
+    for key, what in THRESHOLDS.items():
+        value = policy.get(key)
+        values = value.values() if isinstance(value, Mapping) and key != "max_mean_task_drop" else [value]
+        for v in values:
+            ok = v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+            if not ok or (key == "max_kl" and v is not None and v < 0):
+                raise UserError(f"select.{key}={value!r} must be {what}: a number, a {{name: number}} map, or null")
+    samples = policy.get("bootstrap_samples", 2000)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise UserError(f"select.bootstrap_samples={samples!r} must be a positive integer, e.g. 2000")
+    confidence = policy.get("confidence")
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.5 <= confidence < 1:
+        raise UserError(f"select.confidence={confidence!r} must be a number in [0.5, 1), e.g. 0.95")
 
 
 def _task_samples(record: dict[str, Any], task: str, metric: str) -> list[float] | None:

@@ -22,8 +22,15 @@ TINY = ["model=tiny-llama", "eval=quick"]
     (["quant=fp16", "eval.max_windows={pydoc: 0}"], "eval.max_windows={'pydoc': 0} must be a positive integer"),
 ])
 def test_a_bad_grid_is_refused_before_any_work_one_line_per_problem(tmp_path, overrides, message):
-    proc = run_cli("sweep", *TINY, *overrides, f"out_dir={tmp_path}")
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    from harness.cli import check_grid
+
+    problems = check_grid([*TINY, *overrides, f"out_dir={tmp_path}"], multirun=True)
+    assert any(message in line for line in problems) and all("\n" not in line for line in problems), problems
+
+
+def test_the_cli_refuses_a_bad_grid_with_exit_2_and_measures_nothing(tmp_path):
+    proc = run_cli("sweep", *TINY, "quant=fp16,rtn", "quant.bits=8,9,4", f"out_dir={tmp_path}")
+    assert proc.returncode == 2 and "quant.bits=9 is not supported" in proc.stderr, proc.stderr[-2000:]
     assert all(line.startswith("error: ") for line in proc.stderr.strip().splitlines())
     assert not (tmp_path / "runs").exists()  # nothing was measured
 
@@ -69,3 +76,24 @@ def test_a_point_claimed_by_a_live_sweep_is_left_to_it_and_a_dead_claim_is_taken
     lock.write_text(f"pid 4194999 on {socket.gethostname()}")  # no such process
     proc = run_cli("sweep", *grid)
     assert proc.returncode == 0 and rtn.exists() and not lock.exists()
+
+
+def test_ctrl_c_stops_with_one_line_on_how_to_resume_and_keeps_finished_points(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "sweep", *TINY, "quant=fp16,rtn", "quant.bits=8,4,3",
+                             "quant.group_size=-1,32,64", "eval.max_windows=8", f"out_dir={tmp_path}"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list((tmp_path / "runs").glob("*.json")) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-2000:]
+    assert "run the same command again to resume" in err and "Traceback" not in err
+    assert all(json.loads(p.read_text())["status"] == "ok" for p in (tmp_path / "runs").glob("*.json"))

@@ -1,5 +1,7 @@
 """The verdict on synthetic records with known answers, and the bootstrap's coverage on simulated data."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -167,3 +169,16 @@ def test_a_point_stopped_early_is_judged_again_under_the_policy_in_force():
     [reason] = point(loose, "far")["reasons"]  # ppl and KL now pass: only the missing tasks fail it
     assert reason.startswith("tasks not measured: the sweep stopped this point") and "eval.adaptive=false" in reason
     assert not point(loose, "far")["passed"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"max_kl": "abc"}, "select.max_kl='abc' must be nats per token"),
+    ({"max_task_drop": float("nan")}, "select.max_task_drop=nan must be"),
+    ({"max_kl": -0.1}, "select.max_kl=-0.1 must be nats per token, at least 0"),
+    ({"max_ppl_increase_pct": {"pydoc": True}}, "select.max_ppl_increase_pct={'pydoc': True}"),
+    ({"bootstrap_samples": 0}, "select.bootstrap_samples=0 must be a positive integer"),
+    ({"confidence": 1.5}, "select.confidence=1.5 must be a number in [0.5, 1)"),
+])
+def test_a_bad_policy_is_refused_in_one_line(override, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        select([baseline(), record("w4", nbytes=250)], {**POLICY, **override})
