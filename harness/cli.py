@@ -54,6 +54,8 @@ class FinishSweep(Callback):
             built = build(out_dir, OmegaConf.to_container(config.select, resolve=True))
         except UserError as e:
             _die(str(e))
+        except OSError as e:  # the records are safe; the aggregate can be rebuilt once there is room
+            _die(_unwritable(out_dir, e))
         failed = int((built["frame"]["status"] != "ok").sum())
         print(f"report: {out_dir / 'report.md'} ({len(built['frame'])} points, {failed} failed)")
         if built["selection"]:
@@ -140,8 +142,16 @@ def _report(argv: list[str]) -> None:
     if len(argv) != 1:
         raise UserError("report takes one argument: the sweep folder, e.g. python -m harness report results/default")
     out_dir = Path(argv[0])
-    built = build(out_dir, load_policy(out_dir))
+    try:
+        built = build(out_dir, load_policy(out_dir))
+    except OSError as e:
+        raise UserError(_unwritable(out_dir, e)) from None
     print(f"report: {out_dir / 'report.md'} ({len(built['frame'])} points)")
+
+
+def _unwritable(out_dir: Path, e: OSError) -> str:
+    return (f"could not write the report in {out_dir} ({e.strerror or e}: {e.filename or ''}); the records are "
+            f"kept: free space, then python -m harness report {out_dir}")
 
 
 def _select(argv: list[str]) -> None:

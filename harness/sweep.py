@@ -228,7 +228,12 @@ def _measure(point: Point, cfg: dict[str, Any], path: Path) -> dict[str, Any]:
                                               "traceback": traceback.format_exc()})
     record["duration_s"] = time.perf_counter() - start
     record["phases_s"] = {**phase.seconds, "other": record["duration_s"] - sum(phase.seconds.values())}
-    results.write_json_atomic(path, record)
+    try:
+        results.write_json_atomic(path, record)
+    except OSError as e:  # a full or read-only disk: this point is lost, the sweep goes on
+        log.error("%s: its record could not be written (%s): the point will be measured again next run",
+                  point.run_id, e)
+        record.update(status="failed", error={"type": type(e).__name__, "message": f"record not written: {e}"})
     log.info("%s: %s, %.1f s, %s", point.run_id, record["status"], record["duration_s"], _headline(record))
     return record
 

@@ -97,3 +97,33 @@ def test_ctrl_c_stops_with_one_line_on_how_to_resume_and_keeps_finished_points(t
     assert proc.returncode == 130, err[-2000:]
     assert "run the same command again to resume" in err and "Traceback" not in err
     assert all(json.loads(p.read_text())["status"] == "ok" for p in (tmp_path / "runs").glob("*.json"))
+
+
+def test_a_record_that_cannot_be_written_fails_its_point_and_the_sweep_goes_on(tmp_path, monkeypatch):
+    from harness import results
+    from harness.sweep import run_point
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device")
+
+    cfg = {"model": {"name": "tiny-llama", "source": "tiny", "config": {}}, "out_dir": str(tmp_path), "seed": 0,
+           "device": "cpu", "dtype": "float32", "quant": {"method": "rtn", "bits": 4, "group_size": 32, "sym": False},
+           "calib": {"corpus": "self", "n_samples": 2, "seqlen": 16},
+           "eval": {"corpora": ["pydoc"], "seqlen": 64, "max_windows": 2, "kl_topk": 8, "tasks": [],
+                    "speed": {"prompt_tokens": 8, "decode_tokens": 2, "repeats": 1, "warmup": 0}}}
+    monkeypatch.setattr(results, "write_json_atomic", full_disk)
+    record = run_point(cfg)
+    assert record["status"] == "failed" and "No space left" in record["error"]["message"]
+    assert not list((tmp_path / "runs").glob("*.json")) and not list((tmp_path / "runs").glob("*.tmp"))
+
+
+def test_a_report_that_cannot_be_written_says_the_records_are_kept(sweep, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(sweep[0], out)
+    (out / "report.md").unlink()
+    (out / "report.md").mkdir()  # renaming a file over a folder fails like a full disk does: OSError
+    proc = run_cli("report", str(out))
+    assert proc.returncode == 2 and "the records are kept: free space, then python -m harness report" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
