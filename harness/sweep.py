@@ -152,7 +152,26 @@ def run_point(cfg: dict[str, Any]) -> dict[str, Any]:
         again = results.read_record(path)  # another sweep may have finished it while this one looked
         if again != done and again is not None and again.get("status") == "ok" and _same_code(again, cfg):
             return again
-        return _measure(point, cfg, path)
+        with gpu_slot(Path(cfg["out_dir"]), point.device):
+            return _measure(point, cfg, path)
+
+
+@contextmanager
+def gpu_slot(out_dir: Path, device: str):
+    """With several GPUs visible, the point takes one no other worker of this folder holds (parallel workers of
+    a launcher then get one GPU each) and makes it the current device; with one, it changes nothing."""
+    count = torch.cuda.device_count() if device == "cuda" else 0
+    if count < 2:
+        yield None
+        return
+    while True:
+        for index in range(count):
+            with _claim(out_dir / "runs" / f".gpu{index}.lock") as holder:
+                if holder is None:
+                    torch.cuda.set_device(index)
+                    yield index
+                    return
+        time.sleep(1.0)
 
 
 def _same_code(record: dict[str, Any], cfg: dict[str, Any]) -> bool:
@@ -280,10 +299,7 @@ def _evaluate(point: Point, phase: _Phases) -> dict[str, Any]:
 
     if reference is None and not point.spec.is_baseline:
         with phase("reference"):
-            passes = {n: _quality_pass(model, w, None, ev["kl_topk"], f"baseline {n}") for n, w in windows.items()}
-            _save_reference(reference_path, passes, texts)
-            reference = {n: q.reference for n, q in passes.items()}
-            reference_nll = {n: q.nll_per_window for n, q in passes.items()}
+            reference, reference_nll = _reference_once(reference_path, model, windows, texts, ev["kl_topk"])
     with phase("task_setup"):
         task_folder, task_manager, task_sources = _prepare_tasks(ev, cfg)
     with phase("calibration"):
@@ -301,13 +317,16 @@ def _evaluate(point: Point, phase: _Phases) -> dict[str, Any]:
     # call, the many-token passes use the same values dequantized once
     with quantizers.dequantized_once(model, point.dtype) as kept_bytes:
         with phase("quality"), memory.PeakMemory(torch.device(point.device)) as peak:
+            own = {}
             for name, w in windows.items():
                 ref = None if reference is None else reference[name]
-                quality = _quality_pass(model, w, ref, ev["kl_topk"], f"eval {name}")
+                own[name] = quality = _quality_pass(model, w, ref, ev["kl_topk"], f"eval {name}")
                 metrics.update(quality.metrics(name))
                 per_sample.update(quality.per_sample(name))
-                if reference is None:  # the baseline point made the reference itself
-                    _save_reference(reference_path, {name: quality}, {name: texts[name]}, merge=True)
+            if reference is None:  # the baseline point made the reference itself, unless another sweep did
+                with _claim(reference_path.with_suffix(".lock")) as holder:
+                    if holder is None and _load_reference(reference_path, texts)[0] is None:
+                        _save_reference(reference_path, own, texts)
         metrics["peak_mem_bytes"] = max(peak.peak_bytes - kept_bytes, 0)  # the deployed model keeps no dense copy
         stopped = _decided_fail(point, reference_nll, per_sample)
         if task_folder is not None and stopped is None:
@@ -455,6 +474,24 @@ def _quality_pass(model: nn.Module, windows: Tensor, reference: divergence.TopKR
         merged = divergence.TopKReference(torch.cat([r.logprobs for r in refs]), torch.cat([r.ids for r in refs]))
         return QualityResult(nll, None, None, n, merged)
     return QualityResult(nll, torch.cat(kl), torch.cat(top1), n)
+
+
+def _reference_once(path: Path, model: nn.Module, windows: dict[str, Tensor], texts: dict[str, data.TokenizedText],
+                    topk: int) -> tuple[dict[str, divergence.TopKReference], dict[str, list[float]]]:
+    """The baseline's reference, computed by one process of all the sweeps sharing the folder (the others wait
+    for it, then read it): parallel workers never race to make it."""
+    while True:
+        with _claim(path.with_suffix(".lock")) as holder:
+            if holder is None:
+                reference, reference_nll = _load_reference(path, texts)  # made while this one waited?
+                if reference is None:
+                    passes = {n: _quality_pass(model, w, None, topk, f"baseline {n}") for n, w in windows.items()}
+                    _save_reference(path, passes, texts)
+                    reference = {n: q.reference for n, q in passes.items()}
+                    reference_nll = {n: q.nll_per_window for n, q in passes.items()}
+                return reference, reference_nll
+        log.info("waiting for the baseline reference another worker is computing (%s)", holder)
+        time.sleep(1.0)
 
 
 def _load_reference_file(path: Path) -> dict | None:

@@ -74,3 +74,18 @@ def test_speed_is_measured_wherever_a_gpu_kernel_serves_and_not_on_the_reference
     assert no_kernel_note(cpu, {"torch": 14}).startswith("no cpu kernel for rtn-w3g64")
     named = make_point(config("quant=rtn", "quant.bits=3", "quant.backend=torch", "device=cpu"))
     assert no_kernel_note(named, {"torch": 14}) is None  # the user asked for the reference: it is timed
+
+
+def test_parallel_points_on_a_machine_with_several_gpus_take_one_gpu_each(tmp_path, monkeypatch):
+    from harness.sweep import gpu_slot
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    (tmp_path / "runs").mkdir()
+    with gpu_slot(tmp_path, "cuda") as first, gpu_slot(tmp_path, "cuda") as second:
+        assert {first, second} == {0, 1} and chosen == [first, second]
+    with gpu_slot(tmp_path, "cuda") as again:  # both free again
+        assert again == 0
+    with gpu_slot(tmp_path, "cpu") as none:
+        assert none is None

@@ -65,3 +65,23 @@ def test_report_and_select_rebuild_from_records(sweep):
     assert chosen["chosen"] is None and chosen["closest"] in {p["run_id"] for p in chosen["points"]}
     unknown = run_cli("select", str(out), "tasks=[hellaswag]")
     assert unknown.returncode == 2 and "it measured: qb_arithmetic" in unknown.stderr
+
+
+def test_a_parallel_launcher_writes_the_same_records_into_one_folder(sweep, tmp_path):
+    """Hydra's joblib launcher, two workers: the same points and measurements (timings aside) as the sequential
+    sweep, the baseline reference made once, one report."""
+    proc = run_cli("sweep", *GRID, "hydra/launcher=parallel", f"out_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Joblib" in proc.stdout + proc.stderr
+
+    def measured(folder):
+        out = {}
+        for p in (folder / "runs").glob("*.json"):
+            r = json.loads(p.read_text())
+            out[r["run_id"]] = {k: v for k, v in r["metrics"].items()
+                                if k.startswith(("ppl/", "kl/", "top1/", "task/", "bits_per")) and "_s" not in k}
+        return out
+
+    assert measured(tmp_path) == measured(sweep[0])
+    assert len(list((tmp_path / "baseline").glob("*.pt"))) == 1 and not list((tmp_path / "runs").glob("*.lock"))
+    assert (tmp_path / "report.md").exists()
