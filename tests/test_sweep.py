@@ -85,3 +85,13 @@ def test_a_parallel_launcher_writes_the_same_records_into_one_folder(sweep, tmp_
     assert measured(tmp_path) == measured(sweep[0])
     assert len(list((tmp_path / "baseline").glob("*.pt"))) == 1 and not list((tmp_path / "runs").glob("*.lock"))
     assert (tmp_path / "report.md").exists()
+
+
+def test_the_slurm_launcher_composes_and_runs_through_submitits_local_executor(tmp_path):
+    shown = run_cli("run", "hydra/launcher=slurm", "--cfg", "hydra")
+    assert shown.returncode == 0 and "SlurmLauncher" in shown.stdout and "gpus_per_node: 1" in shown.stdout
+    proc = run_cli("sweep", "model=tiny-llama", "eval=quick", "quant=fp16,rtn", "quant.bits=8", "quant.group_size=-1",
+                   "hydra/launcher=slurm_local", f"out_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
+    assert len(records) == 2 and all(r["status"] == "ok" for r in records) and (tmp_path / "report.md").exists()
