@@ -21,10 +21,10 @@ import json
 import torch
 
 import quantizers
-from harness.decoder import StaticDecoder
 from harness.metrics.speed import decode_tok_s
 from harness.models import load_model
 from quantizers import QuantSpec, use_backend
+from quantizers.kernels.decode import StaticDecoder
 
 PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n'
 

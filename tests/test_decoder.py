@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import quantizers
-from harness.decoder import StaticDecoder
 from harness.metrics.speed import decode_tok_s
 from quantizers import QuantSpec
+from quantizers.kernels.decode import StaticDecoder
 
 
 def greedy_with_full_forwards(model, prompt, n):

@@ -8,7 +8,7 @@ import time
 import torch
 from torch import Tensor, nn
 
-from ..decoder import StaticDecoder, capture_cuda_graph
+from quantizers.kernels.decode import StaticDecoder, capture_cuda_graph
 
 
 def _sync(device: torch.device) -> None:
@@ -101,7 +101,7 @@ def prefill_tok_s(model: nn.Module, prompt: Tensor, repeats: int = 3, warmup: in
 
 def decode_tok_s(model: nn.Module, prompt: Tensor, new_tokens: int, repeats: int = 3, warmup: int = 1) -> float:
     """Greedy batch-1 decode after `prompt` with a static KV cache (and a CUDA graph per step on CUDA,
-    see harness.decoder); the prefill is not timed."""
+    see quantizers.kernels.decode); the prefill is not timed."""
     return rate_and_spread(new_tokens, decode_times_s(model, prompt, new_tokens, repeats, warmup))[0]
 
 

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from quantizers.arch import decoder_layers
-from quantizers.linear import fuse_rows
+from ..arch import decoder_layers
+from ..linear import fuse_rows
 
 log = logging.getLogger(__name__)
 
