@@ -110,10 +110,8 @@ BACKENDS: dict[str, Backend] = {
     )
 }
 
-# What `auto` picks, best first, per device type. On an H100 (README, "Kernels"), the CUDA GEMV beat Triton's
-# (g128, µs per 8B block: 61.0 against 66.8 at 4 bits, 95.7 against 104.1 at 8, 53.1 against 61.2 at 3),
-# which beat tinygemm at 4 bits (67.9 against 81.2); Triton serves every format; tinygemm stays available
-# by name.
+# What `auto` picks, best first, per device type: the fastest measured on a GPU (docs/kernels.md), then
+# what serves every format; tinygemm stays available by name.
 PREFERENCE = {"cuda": ("cuda", "triton", "tinygemm", "torch"), "cpu": ("cpu_int4", "torch")}
 
 

@@ -57,8 +57,7 @@ def prepare_tinygemm(layer: nn.Module) -> None:
         layer._tinygemm = packed, _scales_and_zeros(layer, torch.bfloat16)
 
 
-# Above this many rows tinygemm is slower than dequantizing once and calling cuBLAS (H100: 30 ms
-# against 3 ms for a 2048-token prefill of one Llama-3-8B block).
+# Above this many rows tinygemm is slower than dequantizing once and calling cuBLAS (docs/kernels.md).
 MAX_TINYGEMM_ROWS = 16
 
 
@@ -95,8 +94,7 @@ def prepare_cpu(layer: nn.Module) -> None:
         layer._cpu_int4 = packed, _scales_and_zeros(layer, torch.float32)
 
 
-# The CPU kernel is for decoding: with float32 activations, on a 2-core x86 machine, one 576 x 1536 layer
-# took 0.9 ms at 1 row (the reference: 4.5 ms) but 213 ms at 256 rows (the reference: 5.7 ms).
+# The CPU kernel is for decoding: at many rows it is far slower than the reference (docs/kernels.md).
 MAX_CPU_INT4_ROWS = 4
 
 

@@ -128,7 +128,7 @@ def _gemv_code(word, INDEX: tl.constexpr, BITS: tl.constexpr):
 @triton.jit
 def _as_float(code):
     """Codes (< 2^23) to float32 exactly: OR-ed into the mantissa of 2^23, minus 2^23, in place of an
-    int-to-float conversion per weight (measured on an H100: 8-bit block 107 -> 104 µs, 4-bit unchanged)."""
+    int-to-float conversion per weight (a little faster at 8 bits: docs/kernels.md)."""
     return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
@@ -147,10 +147,8 @@ def _codes(lo, hi, BITS: tl.constexpr):
 def _gemv_configs() -> list[triton.Config]:
     if os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter: one config, no tuning runs
         return [triton.Config({"BLOCK_N": 4, "BLOCK_K": 256})]
-    # Wide tiles put many loads in flight per program: decode is bound by memory latency and bandwidth.
-    # Measured on an H100 (4-bit g128, Llama-3-8B layer shapes, one lab run): 16-row tiles up to 14% faster
-    # per layer; split-K, software pipelining (num_stages) and a column-interleaved storage with contiguous
-    # x loads were slower.
+    # Wide tiles put many loads in flight per program: decode is bound by memory latency and bandwidth
+    # (what else was tried: docs/kernels.md).
     return [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
             for n in (2, 4, 8, 16) for k in (512, 1024, 2048) for w in (4, 8)]
 

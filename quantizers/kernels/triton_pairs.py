@@ -9,20 +9,17 @@ accumulates: about 2.3 instructions per weight.
 - 4 bits: an int32 word of 8 codes holds code i and i+4 16 bits apart, as `packing` stores them.
 - 3 bits (`_dot_32_codes`): `packing` stores chunks of 32 codes as three int32 (in three planes of the row)
   whose halves hold codes 2j and 2j+1 (the last pair one bit per word), so that the x pairs are x's own
-  adjacent bf16 and the three words loads of whole 16-byte vectors. Measured on an H100 (Llama-3-8B block,
-  random codes, `scratch`-style lab against the previous bit-stream layout in the same run): 61.2 against
-  87.6 µs per block at g128.
+  adjacent bf16 and the three words loads of whole 16-byte vectors (faster than a bit-stream layout:
+  docs/kernels.md).
 A word's two lanes are summed in float32, and the rest is float32 as in the word GEMV:
 y = Σ_g s_g (Σ_{w in g} dot_w − (z_g − centre) Σx_g).
 
 The products are rounded to bf16 (8-bit significand), as the reference rounds each dequantized weight
-to bf16 before its matmul: measured relative error against exact float32 arithmetic 2.1e-3 at 4 bits,
-2.9e-3 for the reference (H100, Llama-3-8B layer shapes, random codes, an outlier channel in x).
+to bf16 before its matmul: its error against exact float32 arithmetic is no larger than the reference's
+(docs/kernels.md).
 
-Not for 8 bits: a version that splits each byte into two nibble pairs and recombines them exactly in
-bf16 (16·(128 + hi) − 2304 + (128 + lo) = c − 128) ran no faster than the one-code word GEMV on an H100
-(Llama-3-8B block, fused: 95.0 against 93.7 µs at g128, 91.6 against 96.1 per channel): at 8 bits the
-word GEMV already moves 73% of peak bandwidth, so fewer instructions buy nothing.
+Not for 8 bits: splitting each byte into two nibble pairs (16·(128 + hi) − 2304 + (128 + lo) = c − 128)
+ran no faster than the word GEMV, which at 8 bits is already bound by bandwidth (docs/kernels.md).
 
 Triton's CPU interpreter cannot run inline PTX: there `_code_pair_dot` multiplies the same pairs exactly
 in float32, so the tests check the data movement (pairs, halves, groups, masks) and the GPU check
