@@ -31,9 +31,7 @@ def _task(cfg: DictConfig) -> None:
     except UserError as e:
         _die(str(e))
     except KeyboardInterrupt:
-        print("\ninterrupted: finished points are kept (runs/*.json); run the same command again to resume",
-              file=sys.stderr)
-        sys.exit(130)
+        _interrupted()
 
 
 class FinishSweep(Callback):
@@ -64,6 +62,12 @@ class FinishSweep(Callback):
             print(f"error: {failed} point(s) failed; their records say why (runs/*.json, status failed)",
                   file=sys.stderr)
             sys.exit(1)
+
+
+def _interrupted() -> None:
+    print("\ninterrupted: finished points are kept (runs/*.json); run the same command again to resume",
+          file=sys.stderr)
+    sys.exit(130)
 
 
 def _die(message: str) -> None:
@@ -212,6 +216,4 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         _die(str(e))
     except KeyboardInterrupt:
-        print("\ninterrupted: finished points are kept (runs/*.json); run the same command again to resume",
-              file=sys.stderr)
-        sys.exit(130)
+        _interrupted()
