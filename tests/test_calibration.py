@@ -58,3 +58,18 @@ def test_evaluations_of_the_calibration_text_are_in_domain():
                                                                                                   "qb_arithmetic"]
     assert calibration.in_domain("wikitext2", ["wikitext2:valid"], []) == ["wikitext2:valid"]
     assert calibration.in_domain("self", ["pydoc", "wikitext2"], ["qb_arithmetic"]) == []
+
+
+def test_a_point_evaluated_on_its_calibration_text_is_marked_in_domain(tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    proc = run_cli("sweep", "model=tiny-llama", "eval=quick", "quant=fp16,gptq", "quant.bits=4", "quant.group_size=32",
+                   "calib.corpus=pydoc", "calib.n_samples=4", "calib.seqlen=64", f"out_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    gptq = next(json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*gptq*.json"))
+    assert gptq["in_domain"] == ["pydoc", "qb_arithmetic"] and gptq["data"]["calib"]["sources"]["pydoc"]["samples"] == 4
+    report = (tmp_path / "report.md").read_text()
+    assert "(in-domain)" in report and "In-domain: gptq 4-bit g32 were calibrated on the text" in report
+    assert "Calibration: 4 samples of 64 tokens: `pydoc` 4 samples" in report
