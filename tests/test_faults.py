@@ -127,3 +127,22 @@ def test_a_report_that_cannot_be_written_says_the_records_are_kept(sweep, tmp_pa
     proc = run_cli("report", str(out))
     assert proc.returncode == 2 and "the records are kept: free space, then python -m harness report" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_two_sweeps_in_one_folder_measure_each_point_once_and_leave_it_whole(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    grid = [*TINY, "quant=fp16,rtn", "quant.bits=8,4", "quant.group_size=-1,32", f"out_dir={tmp_path}"]
+    procs = [subprocess.Popen([sys.executable, "-m", "harness", "sweep", *grid], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs[0][-2000:] + logs[1][-2000:]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
+    assert len(records) == 5 and all(r["status"] == "ok" for r in records)
+    for r in records:  # each point measured by one sweep only
+        assert sum(f"{r['run_id']}: ok," in log for log in logs) == 1, r["run_id"]
+    assert not list((tmp_path / "runs").glob("*.lock")) and not list((tmp_path / "runs").glob(".*.tmp"))
+    assert len(list((tmp_path / "baseline").glob("*.pt"))) == 1
