@@ -494,13 +494,6 @@ def _reference_once(path: Path, model: nn.Module, windows: dict[str, Tensor], te
         time.sleep(1.0)
 
 
-def _load_reference_file(path: Path) -> dict | None:
-    try:
-        return torch.load(path, weights_only=True) if path.exists() else None
-    except Exception:  # unreadable: rebuilt by this point
-        return None
-
-
 def _load_reference(path: Path, texts: dict[str, data.TokenizedText]
                     ) -> tuple[dict[str, divergence.TopKReference] | None, dict[str, list[float]] | None]:
     """The baseline's top-k log-probabilities and NLL per window, per corpus; (None, None) if not made yet."""
@@ -518,19 +511,11 @@ def _load_reference(path: Path, texts: dict[str, data.TokenizedText]
             {name: list(saved[name]["nll_per_window"]) for name in texts})
 
 
-def _save_reference(path: Path, quality: dict[str, QualityResult], texts: dict[str, data.TokenizedText],
-                    merge: bool = False) -> None:
-    saved = (_load_reference_file(path) if merge else None) or {}
-    for name, q in quality.items():
-        saved[name] = {"sha256": texts[name].sha256, "logprobs": q.reference.logprobs,
-                       "ids": q.reference.ids.to(torch.int32), "nll_per_window": q.nll_per_window}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process: concurrent sweeps never share it
-    try:
-        torch.save(saved, tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _save_reference(path: Path, quality: dict[str, QualityResult], texts: dict[str, data.TokenizedText]) -> None:
+    saved = {name: {"sha256": texts[name].sha256, "logprobs": q.reference.logprobs,
+                    "ids": q.reference.ids.to(torch.int32), "nll_per_window": q.nll_per_window}
+             for name, q in quality.items()}
+    results.write_atomic(path, lambda f: torch.save(saved, f), binary=True)
 
 
 def _size_metrics(model: nn.Module, target_names: list[str]) -> dict[str, float]:

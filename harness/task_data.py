@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .results import write_text_atomic
 
 log = logging.getLogger(__name__)
 Record = dict[str, Any]
@@ -140,11 +141,6 @@ def family_of(task: str) -> str | None:
     if task == "mmlu" or task.startswith("mmlu_"):
         return "mmlu"
     return task if task in FAMILIES else None
-
-
-def known_layouts() -> str:
-    return "; ".join(f"{family}: " + " or ".join(lay.describe() for lay in layouts)
-                     for family, layouts in FAMILIES.items())
 
 
 # ---------------------------------------------------------------- reading files
@@ -318,7 +314,7 @@ def write_mmlu(folder: Path, task: str, where: Path, yaml_of: Callable[[str], Pa
         names = [f"mmlu_{s}" for s in sorted(rows)]
         group = {"group": "mmlu", "task": names, "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],
                  "metadata": {"version": 2}}
-        _write_atomic(folder / "mmlu.yaml", json.dumps(group, indent=1))  # JSON is YAML
+        write_text_atomic(folder / "mmlu.yaml", json.dumps(group, indent=1))  # JSON is YAML
     return info
 
 
@@ -342,7 +338,7 @@ def _write(folder: Path, task: str, lm_eval_yaml: Path, splits: dict[str, list[R
     data_files = {}
     for split, rows in splits.items():
         path = (folder / f"{task}.{split}.jsonl").resolve()
-        _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         data_files[split] = str(path)
     config = {"include": str(lm_eval_yaml), "task": task, "dataset_path": "json", "dataset_name": None,
               "dataset_kwargs": {"data_files": data_files},
@@ -354,14 +350,8 @@ def _write(folder: Path, task: str, lm_eval_yaml: Path, splits: dict[str, list[R
         config["training_split"] = "train"
     if "dev" in splits:
         config["fewshot_split"] = "dev"
-    _write_atomic(folder / f"{task}.yaml", json.dumps(config, indent=1))
+    write_text_atomic(folder / f"{task}.yaml", json.dumps(config, indent=1))
     return {**info, "items": len(splits[eval_split]), "split": eval_split}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    from .results import write_text_atomic
-
-    write_text_atomic(path, text)
 
 
 def _sha256(path: Path) -> str:
