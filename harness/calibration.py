@@ -106,8 +106,8 @@ def _cached(cache: Path, key: dict[str, Any], build) -> Tensor:
     if path.exists():
         try:
             return torch.load(path, weights_only=True)
-        except (OSError, RuntimeError, EOFError) as e:
-            log.warning("calibration cache %s is unreadable (%s): building it again", path, e)
+        except Exception as e:  # a damaged file raises whatever its bytes lead the unpickler to
+            log.warning("calibration cache %s is unreadable (%s: %s): building it again", path, type(e).__name__, e)
     samples = build()
     from .results import write_atomic
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -120,23 +121,42 @@ def check_grid(argv: list[str], multirun: bool) -> list[str]:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from .sweep import make_point
+    from .models import model_limits
+    from .sweep import check_against_model, check_tasks, make_point
 
     try:
         points = grid_overrides(argv, multirun)
     except (HydraException, OmegaConfBaseException, ValueError):
         return []  # Hydra itself will say what is wrong, or expand what this cannot
     problems: dict[str, list[str]] = {}
+    limits: dict[str, object] = {}
+    checked: dict[str, object] = {}
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         for overrides in points:
             try:
-                make_point(OmegaConf.to_container(compose(config_name="sweep", overrides=overrides), resolve=True))
+                cfg = OmegaConf.to_container(compose(config_name="sweep", overrides=overrides), resolve=True)
+                point = make_point(cfg)
+                check_against_model(point, _cached(limits, cfg["model"], model_limits, cfg["model"]))
+                _cached(checked, [cfg["eval"], cfg["out_dir"]], check_tasks, cfg)
             except UserError as e:
                 problems.setdefault(str(e), []).append(" ".join(overrides))
             except (HydraException, OmegaConfBaseException, ValueError):
                 continue  # left to Hydra
     return [f"{message} (in {len(where)} of {len(points)} points, e.g. {where[0]})" if multirun else message
             for message, where in problems.items()]
+
+
+def _cached(cache: dict[str, object], key: object, compute, arg: Any):
+    """compute(arg) once per distinct key (an error, once raised, is raised again for the same key)."""
+    name = json.dumps(key, sort_keys=True, default=str)
+    if name not in cache:
+        try:
+            cache[name] = compute(arg)
+        except UserError as e:
+            cache[name] = e
+    if isinstance(cache[name], UserError):
+        raise cache[name]
+    return cache[name]
 
 
 def _report(argv: list[str]) -> None:

@@ -97,6 +97,19 @@ def load_corpus(name: str, data_dirs: dict[str, str | None] | None = None, share
     )
 
 
+def check_corpus_name(name: str, key: str) -> None:
+    """A corpus name this module can load (without loading it): a known corpus, a WikiText-2 split, or a file."""
+    if name in CORPORA or Path(name).expanduser().is_file():
+        return
+    if name.startswith("wikitext2:"):
+        if name.partition(":")[2] in WIKITEXT2_SPLITS:
+            return
+        raise UserError(f"{key}: unknown WikiText-2 split in {name!r}: use wikitext2 (test), wikitext2:valid or "
+                        "wikitext2:train")
+    raise UserError(f"{key}: unknown corpus {name!r}: use one of {', '.join(CORPORA)}, wikitext2:valid, or the path "
+                    "of an existing text file")
+
+
 def read_text_file(path: Path) -> str:
     """A local text file exactly as it is; a binary file is refused rather than read as text."""
     raw = path.read_bytes()

@@ -193,8 +193,9 @@ def _load_gguf_cached(path: Path, dtype: torch.dtype) -> tuple[nn.Module, Any, s
         try:
             model, tokenizer = _load_transformers(str(folder), "local", dtype)
             return model, tokenizer, json.loads(info_path.read_text())["source_format"]
-        except (UserError, OSError, ValueError, KeyError) as e:
-            log.warning("the converted copy of %s in %s is unreadable (%s): converting again", path, folder, e)
+        except Exception as e:  # a damaged safetensors file raises its own error types
+            log.warning("the converted copy of %s in %s is unreadable (%s: %s): converting again", path, folder,
+                        type(e).__name__, e)
     source_format = f"gguf {gguf_file_type(path)}"
     model, tokenizer = _load_gguf(path, dtype)
     _save_converted(folder, model, tokenizer, {"source": str(path.resolve()), "source_format": source_format})
@@ -299,21 +300,68 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
+@dataclass(frozen=True)
+class ModelLimits:
+    """What a grid is checked against before any work: the model's context and its linears' input widths."""
+
+    context: int | None
+    widths: tuple[int, ...]
+
+
+def model_limits(cfg: dict[str, Any]) -> ModelLimits | None:
+    """The model's limits from its config or GGUF metadata, without its weights; None where that is not at hand
+    (a hub model not in the local cache)."""
+    source, where = resolve_source(cfg)
+    if source in ("gguf", "package"):
+        return _gguf_limits(Path(where))
+    if source == "tiny":
+        config = _tiny_config(cfg.get("config") or {})
+    else:
+        try:
+            if source == "shape":
+                from transformers import LlamaConfig
+
+                from .shapes import SHAPES
+
+                config = LlamaConfig(**SHAPES[where])
+            else:
+                from transformers import AutoConfig
+
+                config = AutoConfig.from_pretrained(where, local_files_only=True)
+        except Exception:  # not cached, or not a transformers config: checked when it loads
+            return None
+    return ModelLimits(getattr(config, "max_position_embeddings", None),
+                       tuple(v for v in (getattr(config, "hidden_size", None), getattr(config, "intermediate_size",
+                                                                                        None)) if v))
+
+
+def _gguf_limits(path: Path) -> ModelLimits | None:
+    import gguf
+
+    try:
+        fields = gguf.GGUFReader(str(path)).fields
+        arch = bytes(fields["general.architecture"].parts[-1]).decode()
+        value = lambda key: (int(fields[key].parts[-1][0]) if key in fields else None)  # noqa: E731
+    except Exception:  # a damaged file is named when it loads
+        return None
+    widths = tuple(w for w in (value(f"{arch}.embedding_length"), value(f"{arch}.feed_forward_length")) if w)
+    return ModelLimits(value(f"{arch}.context_length"), widths)
+
+
+def _tiny_config(overrides: dict[str, Any]):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{"vocab_size": 257, "hidden_size": 96, "intermediate_size": 160, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+                          "tie_word_embeddings": True, **overrides})
+
+
 def build_tiny_llama(overrides: dict[str, Any], seed: int) -> tuple[nn.Module, Any]:
     """A small random Llama (seeded) with the byte tokenizer; layer widths need not divide group sizes."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     tokenizer = byte_tokenizer()
-    shape = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 96,
-        "intermediate_size": 160,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 4096,
-        "tie_word_embeddings": True,
-        **overrides,
-    }
+    config = _tiny_config({"vocab_size": len(tokenizer), **overrides})
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(**shape)), tokenizer
+    return LlamaForCausalLM(config), tokenizer
+

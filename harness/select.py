@@ -201,9 +201,14 @@ class _Judge:
         threshold = self.policy.get(key) if key == "max_mean_task_drop" else threshold_for(self.policy, key, item)
         finite = math.isfinite(bound.estimate) and math.isfinite(bound.upper)
         passed = finite and (threshold is None or bound.upper <= threshold)
-        reason = None if passed else (f"{name} is not a finite number ({bound.estimate})" if not finite else
-                                      f"{name} bound {bound.upper:+.4g}{unit} > {threshold}{unit} "
-                                      f"(estimate {bound.estimate:+.4g}{unit})")
+        if passed:
+            reason = None
+        elif bound.estimate == math.inf:  # measured, and catastrophic: a finite loss whose exp overflows
+            reason = f"{name} overflows: the point's loss is catastrophically above the baseline's"
+        elif not finite:
+            reason = f"{name} is not a finite number ({bound.estimate})"
+        else:
+            reason = f"{name} bound {bound.upper:+.4g}{unit} > {threshold}{unit} (estimate {bound.estimate:+.4g}{unit})"
         # Better than the baseline only if even the bound says so; a lucky estimate is not "better".
         return {"name": name, **bound.as_dict(), "threshold": threshold, "passed": passed, "reason": reason,
                 "better": bound.upper < 0 and not name.startswith("kl/")}

@@ -52,7 +52,8 @@ def _paired(base: Sequence[float], point: Sequence[float], what: str) -> np.ndar
 
 def ppl_increase_pct(base_nll: Sequence[float], point_nll: Sequence[float], confidence: float) -> Bound:
     """Relative perplexity increase in percent, 100 (exp(mean NLL_point − mean NLL_base) − 1), paired per window."""
-    return _t_bound(_paired(base_nll, point_nll, "perplexity"), confidence, lambda x: 100 * np.expm1(x))
+    with np.errstate(over="ignore"):  # a catastrophic point's increase is +inf, and fails every bar
+        return _t_bound(_paired(base_nll, point_nll, "perplexity"), confidence, lambda x: 100 * np.expm1(x))
 
 
 def mean_value(values: Sequence[float], confidence: float) -> Bound:

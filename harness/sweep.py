@@ -7,6 +7,7 @@ import math
 import os
 import random
 import socket
+import tempfile
 import time
 import traceback
 from contextlib import contextmanager
@@ -92,6 +93,10 @@ def make_point(cfg: dict[str, Any]) -> Point:
     except QuantSpecError as e:
         raise UserError(str(e)) from None
     _validate_eval(cfg["eval"])
+    if cfg.get("select") is not None:
+        from .select import check_thresholds
+
+        check_thresholds(cfg["select"])
     if cfg.get("resume", "same_code") not in ("same_code", "any"):
         raise UserError(f"resume={cfg.get('resume')!r} must be same_code or any")
     if quantizer.needs_calibration:
@@ -129,6 +134,56 @@ def _validate_eval(ev: dict[str, Any]) -> None:
     for key in ("prompt_tokens", "decode_tokens", "repeats"):
         if not isinstance(ev["speed"].get(key), int) or ev["speed"][key] < 1:
             raise UserError(f"eval.speed.{key}={ev['speed'].get(key)!r} must be a positive integer")
+    if ev["speed"]["prompt_tokens"] > ev["seqlen"]:
+        raise UserError(f"eval.speed.prompt_tokens={ev['speed']['prompt_tokens']} is longer than eval.seqlen="
+                        f"{ev['seqlen']} (the prompt is cut from an evaluation window): use at most {ev['seqlen']}")
+    for corpus in ev["corpora"]:
+        data.check_corpus_name(str(corpus), "eval.corpora")
+
+
+def check_tasks(cfg: dict[str, Any]) -> None:
+    """Before any work: the sweep folder can be written, every task name is known and every task file exists."""
+    out_dir = Path(cfg["out_dir"]).expanduser()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        raise UserError(f"out_dir={cfg['out_dir']} cannot be written ({e.strerror or e}): choose another out_dir") \
+            from None
+    ev = cfg["eval"]
+    for key in ("task_data", "local_tasks"):
+        for name, where in (ev.get(key) or {}).items():
+            if not Path(str(where)).expanduser().exists():
+                raise UserError(f"eval.{key}.{name}={where}: no such file or folder")
+            if key == "task_data" and task_data.family_of(name) is None:
+                raise UserError(f"eval.task_data: {name!r} is not a task with a known file layout; known: "
+                                f"{', '.join(task_data.KNOWN_TASKS)}")
+    own = {*offline_tasks.TASKS, *(ev.get("task_data") or {}), *(ev.get("local_tasks") or {})}
+    others = [t for t in ev.get("tasks") or [] if t not in own]
+    if others:
+        tasks.check_task_names(others, tasks.task_manager(None))
+
+
+def check_against_model(point: Point, limits) -> None:
+    """The settings that only the model can refute: lengths against its context, group sizes against its widths."""
+    if limits is None:
+        return
+    ev, calib = point.cfg["eval"], point.cfg["calib"]
+    speed = ev["speed"]
+    lengths = [("eval.seqlen", ev["seqlen"]),
+               ("eval.speed.prompt_tokens + decode_tokens", speed["prompt_tokens"] + speed["decode_tokens"])]
+    if point.needs_calibration:
+        lengths.append(("calib.seqlen", calib["seqlen"]))
+    for key, length in lengths:
+        if limits.context is not None and length > limits.context:
+            raise UserError(f"{key}={length} is longer than the model's context ({limits.context} positions): use at "
+                            f"most {limits.context}")
+    group = point.spec.group_size
+    if not point.spec.is_baseline and group not in (None, -1) and limits.widths and group > max(limits.widths):
+        widths = "/".join(map(str, limits.widths))
+        raise UserError(f"quant.group_size={group} is wider than every layer's input ({widths} columns): that is one "
+                        "group per row; say quant.group_size=-1 for per-channel")
 
 
 def run_point(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -42,6 +42,19 @@ def test_calibration_set_mixes_sources_caches_generation_and_records_provenance(
     assert torch.equal(samples, again)
 
 
+def test_a_damaged_calibration_cache_is_named_and_built_again(tiny, tmp_path, caplog):
+    model, tokenizer = tiny
+    calib = {"corpus": "self", "n_samples": 2, "seqlen": 16, "self": {"batch_size": 2}}
+    load = lambda name: data.load_corpus(name, part="calib")  # noqa: E731
+    samples, _ = calibration.calibration_set(model, tokenizer, calib, 0, tmp_path, load, {"model": "tiny"})
+    [cached] = tmp_path.glob("*.pt")
+    for damage in (b"\x80\x02garbage", cached.read_bytes()[:40]):  # unpickler garbage; a file cut short
+        cached.write_bytes(damage)
+        again, _ = calibration.calibration_set(model, tokenizer, calib, 0, tmp_path, load, {"model": "tiny"})
+        assert torch.equal(samples, again) and f"calibration cache {cached} is unreadable" in caplog.text
+        assert torch.equal(torch.load(cached), samples)  # rebuilt in place
+
+
 @pytest.mark.parametrize("calib, message", [
     ({"corpus": "nope", "n_samples": 4, "seqlen": 8}, "unknown source 'nope'"),
     ({"corpus": "pydoc", "n_samples": 0, "seqlen": 8}, "calib.n_samples=0"),

@@ -20,12 +20,31 @@ TINY = ["model=tiny-llama", "eval=quick"]
     (["quant=fp16", "eval.bos=maybe"], "eval.bos='maybe' must be auto, none or text"),
     (["quant=fp16", "resume=sometimes"], "resume='sometimes' must be same_code or any"),
     (["quant=fp16", "eval.max_windows={pydoc: 0}"], "eval.max_windows={'pydoc': 0} must be a positive integer"),
+    (["quant=rtn", "quant.group_size=100000"], "quant.group_size=100000 is wider than every layer's input (96/160"),
+    (["quant=fp16", "eval.seqlen=100000"], "eval.seqlen=100000 is longer than the model's context (4096 positions)"),
+    (["quant=gptq", "calib.seqlen=8192"], "calib.seqlen=8192 is longer than the model's context (4096 positions)"),
+    (["quant=fp16", "eval.speed.prompt_tokens=300"], "eval.speed.prompt_tokens=300 is longer than eval.seqlen=256"),
+    (["quant=fp16", "eval.corpora=[nope]"], "eval.corpora: unknown corpus 'nope'"),
+    (["quant=fp16", "eval.corpora=[wikitext2:dev]"], "eval.corpora: unknown WikiText-2 split in 'wikitext2:dev'"),
+    (["quant=fp16", "eval.tasks=[qb_arithmetc]"], "eval.tasks: 'qb_arithmetc' is not a task lm-eval knows"),
+    (["quant=fp16", "+eval.task_data={arc_easy: /nowhere/ARC.jsonl}"], "eval.task_data.arc_easy=/nowhere/ARC.jsonl: "
+                                                                       "no such file or folder"),
+    (["quant=fp16", "select.max_kl=abc"], "select.max_kl='abc' must be nats per token"),
+    (["quant=gptq", "calib.seqlen=1"], "calib.seqlen=1 must be an integer of at least 2"),
+    (["quant=gptq", "calib.n_samples=-1"], "calib.n_samples=-1 must be an integer of at least 1"),
 ])
 def test_a_bad_grid_is_refused_before_any_work_one_line_per_problem(tmp_path, overrides, message):
     from harness.cli import check_grid
 
     problems = check_grid([*TINY, *overrides, f"out_dir={tmp_path}"], multirun=True)
     assert any(message in line for line in problems) and all("\n" not in line for line in problems), problems
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_in_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    proc = run_cli("sweep", *TINY, "quant=fp16", f"out_dir={tmp_path / 'a_file' / 'results'}")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert "cannot be written" in proc.stderr and "choose another out_dir" in proc.stderr
 
 
 def test_the_cli_refuses_a_bad_grid_with_exit_2_and_measures_nothing(tmp_path):
@@ -146,3 +165,33 @@ def test_two_sweeps_in_one_folder_measure_each_point_once_and_leave_it_whole(tmp
         assert sum(f"{r['run_id']}: ok," in log for log in logs) == 1, r["run_id"]
     assert not list((tmp_path / "runs").glob("*.lock")) and not list((tmp_path / "runs").glob(".*.tmp"))
     assert len(list((tmp_path / "baseline").glob("*.pt"))) == 1
+
+
+def test_a_catastrophic_but_finite_point_is_measured_and_fails_the_bar_with_its_reason(tmp_path, monkeypatch):
+    import math
+
+    from harness.results import load_records
+    from harness.select import load_policy, select
+    from harness.sweep import run_point
+    from quantizers import QUANTIZERS, register
+
+    monkeypatch.setattr("quantizers.registry.QUANTIZERS", dict(QUANTIZERS))  # the test's method stays the test's
+
+    @register("explode_for_test")
+    def explode(model, spec, calib, progress=False, device=None):
+        model.model.norm.weight.data.mul_(1e5)  # logits ~1e5 apart: an NLL far beyond exp's range, still finite
+        return model
+
+    cfg = {"model": {"name": "tiny-llama", "source": "tiny", "config": {}}, "out_dir": str(tmp_path), "seed": 0,
+           "device": "cpu", "dtype": "float32", "calib": {"corpus": "self", "n_samples": 2, "seqlen": 16},
+           "eval": {"corpora": ["pydoc"], "seqlen": 64, "max_windows": 4, "kl_topk": 8, "tasks": [],
+                    "speed": {"prompt_tokens": 8, "decode_tokens": 2, "repeats": 1, "warmup": 0}}}
+    base = run_point({**cfg, "quant": {"method": "fp16"}})
+    point = run_point({**cfg, "quant": {"method": "explode_for_test", "bits": 4, "group_size": 32, "sym": False}})
+    assert base["status"] == point["status"] == "ok", point.get("error")
+    assert point["metrics"]["ppl/pydoc"] == math.inf and min(point["per_sample"]["nll/pydoc"]) > 709
+    policy = {**load_policy(tmp_path), "max_ppl_increase_pct": None, "max_kl": None}
+    judged = {p["label"]: p for p in select(load_records(tmp_path), policy)["points"]}
+    [exploded] = [p for p in judged.values() if not p["is_baseline"]]
+    ppl = next(c for c in exploded["checks"] if c["name"] == "ppl/pydoc")
+    assert not exploded["passed"] and not ppl["passed"] and "overflows" in ppl["reason"]

@@ -59,3 +59,16 @@ def test_a_gguf_is_parsed_once_per_load_and_gguf_is_left_as_it_was(tmp_path):
         assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
     assert gguf.GGUFReader is real_reader
     assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
+
+
+def test_a_damaged_converted_copy_is_named_and_converted_again(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("QUANTBENCH_CACHE", str(tmp_path))
+    path, dtype = models.Path(models.resolve_source({"name": point(tmp_path, {})["model"]["name"]})[1]), torch.float32
+    first, _, _ = models._load_gguf_cached(path, dtype)
+    [folder] = (tmp_path / "gguf").iterdir()
+    (folder / "model.safetensors").write_bytes(b"\xff" * 64)  # safetensors: header too large
+    again, _, source_format = models._load_gguf_cached(path, dtype)
+    assert source_format == "gguf Q4_1" and f"the converted copy of {path} in {folder} is unreadable" in caplog.text
+    a, b = first.state_dict(), again.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert models._load_gguf_cached(path, dtype)[0] is not None and caplog.text.count("is unreadable") == 1

@@ -38,4 +38,6 @@ def perplexity(model: nn.Module, windows: Tensor) -> PerplexityResult:
 
 
 def ppl_from_nll(nll_per_window: list[float]) -> float:
-    return math.exp(sum(nll_per_window) / len(nll_per_window))
+    """exp of the mean NLL; inf where a finite but catastrophic loss (over ~709 nats a token) overflows it."""
+    mean = sum(nll_per_window) / len(nll_per_window)
+    return math.exp(mean) if mean < 709 else math.inf
