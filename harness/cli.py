@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +56,20 @@ class FinishSweep(Callback):
             _die(str(e))
         except OSError as e:  # the records are safe; the aggregate can be rebuilt once there is room
             _die(_unwritable(out_dir, e))
-        failed = int((built["frame"]["status"] != "ok").sum())
-        print(f"report: {out_dir / 'report.md'} ({len(built['frame'])} points, {failed} failed)")
+        from .results import load_records
+
+        failed = [r for r in load_records(out_dir) if r.get("status") == "failed"]
+        mine = [r for r in failed if str(r.get("started_at", "")) >= SWEEP_STARTED_AT]
+        print(f"report: {out_dir / 'report.md'} ({len(built['frame'])} points, {len(mine)} failed in this sweep)")
         if built["selection"]:
             print(f"verdict: {built['selection']['verdict']}")
-        if failed:
-            print(f"error: {failed} point(s) failed; their records say why (runs/*.json, status failed)",
-                  file=sys.stderr)
+        if len(failed) > len(mine):
+            print(f"note: {len(failed) - len(mine)} failed record(s) in {out_dir / 'runs'} are from earlier sweeps")
+        for r in mine:
+            error = r.get("error") or {}
+            message = str(error.get("message", "")).splitlines()[0][:200] if error.get("message") else ""
+            print(f"error: {r['run_id']} failed: {error.get('type')}: {message}", file=sys.stderr)
+        if mine:
             sys.exit(1)
 
 
@@ -76,8 +84,14 @@ def _die(message: str) -> None:
     sys.exit(2)
 
 
+SWEEP_STARTED_AT = ""  # when this command began (UTC, as records' started_at): its failures are the later ones
+
+
 def _hydra(argv: list[str], multirun: bool) -> None:
     import hydra
+
+    global SWEEP_STARTED_AT
+    SWEEP_STARTED_AT = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     problems = check_grid(argv, multirun)
     if problems:

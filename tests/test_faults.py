@@ -195,3 +195,40 @@ def test_a_catastrophic_but_finite_point_is_measured_and_fails_the_bar_with_its_
     [exploded] = [p for p in judged.values() if not p["is_baseline"]]
     ppl = next(c for c in exploded["checks"] if c["name"] == "ppl/pydoc")
     assert not exploded["passed"] and not ppl["passed"] and "overflows" in ppl["reason"]
+
+
+FLAKY_RTN = """
+import dataclasses, sys
+from quantizers import registry
+rtn = registry.QUANTIZERS["rtn"]
+def flaky(model, spec, calib, **kw):
+    if spec.bits == 3:
+        raise RuntimeError("injected fault at 3 bits")
+    return rtn.quantize(model, spec, calib, **kw)
+registry.QUANTIZERS["rtn"] = dataclasses.replace(rtn, quantize=flaky)
+from harness.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_point_that_raises_fails_alone_and_the_summary_names_this_sweeps_failures_only(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def sweep(*bits):
+        return subprocess.run([sys.executable, "-c", FLAKY_RTN, "sweep", *TINY, "quant=fp16,rtn",
+                               f"quant.bits={','.join(bits)}", "quant.group_size=32", f"out_dir={tmp_path}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+    proc = sweep("4", "3")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
+    assert sorted(r["status"] for r in records) == ["failed", "ok", "ok"]
+    [failed] = [r for r in records if r["status"] == "failed"]
+    assert f"error: {failed['run_id']} failed: RuntimeError: injected fault at 3 bits" in proc.stderr
+    assert "1 failed in this sweep" in proc.stdout and (tmp_path / "report.md").exists()
+    again = sweep("4")  # the same folder, a grid without the faulty point: the old failure is not this sweep's
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "0 failed in this sweep" in again.stdout and "1 failed record(s)" in again.stdout
