@@ -29,6 +29,10 @@ def build(out_dir: Path, policy: dict[str, Any]) -> dict[str, Any]:
     selection = select(records, policy) if has_baseline else None
     if selection is not None:
         results.write_json_atomic(out_dir / "selection.json", selection)
+    else:  # no verdict now: an earlier one left in the folder would be read as this sweep's
+        (out_dir / "selection.json").unlink(missing_ok=True)
+        for png in (out_dir / "plots").glob("*.png"):
+            png.unlink()
     pngs = plots.draw_all(selection, out_dir / "plots") if selection else []
     blocks = report_blocks(records, selection, pngs, out_dir) + warning_blocks(records, out_dir)
     results.write_text_atomic(out_dir / "report.md", to_markdown(blocks, out_dir))
@@ -104,8 +108,8 @@ def policy_text(selection: dict[str, Any]) -> str:
     if selection["tasks"] and p.get("max_mean_task_drop") is not None:
         parts.append(f"at most {p['max_mean_task_drop']} on the mean over tasks")
     judged = ", ".join(selection["corpora"] + selection["tasks"])
-    return (f"{'; '.join(parts) or 'no thresholds'} (on {judged}), each as the {p['confidence']:.0%} bound of a paired "
-            f"bootstrap ({p['bootstrap_samples']} resamples of the baseline's windows and items); "
+    return (f"{'; '.join(parts) or 'no thresholds'} (on {judged}), each as the {p['confidence']:.0%} one-sided "
+            f"Student-t bound of the mean paired difference over the baseline's windows and items; "
             f"{OBJECTIVES[p['objective']]} {p['objective']} wins")
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -42,9 +44,19 @@ def write_atomic(path: Path, write, binary: bool = False) -> None:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if not isinstance(e, OSError) and isinstance(e, Exception) and _disk_full(path.parent):
+            # torch.save reports a full disk as "unexpected pos": say what happened
+            raise OSError(errno.ENOSPC, f"No space left on device while writing {path.name}", str(path)) from e
         raise
+
+
+def _disk_full(folder: Path, margin_bytes: int = 1 << 20) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < margin_bytes
+    except OSError:
+        return False
 
 
 def _read_umask() -> int:

@@ -204,11 +204,33 @@ def run_point(cfg: dict[str, Any]) -> dict[str, Any]:
             log.warning("%s: being measured by another sweep (%s): skipped here; if none runs, delete %s",
                         point.run_id, holder, path.with_suffix(".lock"))
             return done or {"run_id": point.run_id, "status": "claimed", "claimed_by": holder}
+        _remove_leftovers(path)
         again = results.read_record(path)  # another sweep may have finished it while this one looked
         if again != done and again is not None and again.get("status") == "ok" and _same_code(again, cfg):
             return again
         with gpu_slot(Path(cfg["out_dir"]), point.device):
             return _measure(point, cfg, path)
+
+
+def _remove_leftovers(record: Path) -> None:
+    """Temporary files of a writer killed before it renamed them: while this process holds the point's claim,
+    no live one writes its record; a claim's temporary file names its process."""
+    for tmp in record.parent.glob(f".{record.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+    for tmp in record.parent.glob(f".{record.stem}.lock.*.tmp"):
+        pid = tmp.name.split(".")[-2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextmanager
@@ -275,13 +297,7 @@ def _alive(lock: Path) -> bool:
         return False  # not a claim this code wrote
     if parts[3] != socket.gethostname():
         return age_s < CLAIM_TTL_S  # another machine's process (a shared folder): not checkable from here
-    try:
-        os.kill(int(parts[1]), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return _pid_alive(int(parts[1]))
 
 
 def _measure(point: Point, cfg: dict[str, Any], path: Path) -> dict[str, Any]:

@@ -232,3 +232,98 @@ def test_a_point_that_raises_fails_alone_and_the_summary_names_this_sweeps_failu
     again = sweep("4")  # the same folder, a grid without the faulty point: the old failure is not this sweep's
     assert again.returncode == 0, again.stderr[-2000:]
     assert "0 failed in this sweep" in again.stdout and "1 failed record(s)" in again.stdout
+
+
+def test_a_damaged_baseline_record_leaves_no_stale_verdict_or_plots(sweep, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(sweep[0], out)
+    assert (out / "selection.json").exists() and list((out / "plots").glob("*.png"))
+    baseline = next(p for p in (out / "runs").glob("*.json") if json.loads(p.read_text())["quant"]["method"] == "fp16")
+    baseline.write_text(baseline.read_text()[: len(baseline.read_text()) // 2])  # cut in half
+    proc = run_cli("report", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not (out / "selection.json").exists() and not list((out / "plots").glob("*.png"))
+    report = (out / "report.md").read_text()
+    assert "the sweep has no baseline point" in report and baseline.name in report
+
+
+KILL_DURING_A_WRITE = """
+import os, signal, sys
+from pathlib import Path
+real_replace = os.replace
+def replace(src, dst):  # the record's bytes are complete in its temporary file: die before it is published
+    runs = Path(dst).parent
+    if runs.name == "runs" and str(dst).endswith(".json") and len(list(runs.glob("*.json"))) == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_replace(src, dst)
+os.replace = replace
+from harness.cli import main
+main(sys.argv[1:])
+"""
+
+TIMING = ("tok_s", "spread_pct", "_time_s", "_eval_s", "mem_bytes")
+
+
+def _measured(folder):
+    """Every record of a sweep folder without what differs between runs by nature (timings, memory, dates)."""
+    out = {}
+    for p in (folder / "runs").glob("*.json"):
+        r = json.loads(p.read_text())
+        out[p.name] = (r["status"], r["per_sample"], r["data"], r["quant"],
+                       {k: v for k, v in r["metrics"].items() if not k.endswith(TIMING)})
+    return out
+
+
+def test_sigkill_during_a_point_or_a_write_then_a_rerun_ends_with_the_records_of_an_uninterrupted_sweep(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    grid = [*TINY, "quant=fp16,rtn", "quant.bits=8,4", "quant.group_size=32"]
+    cli = [sys.executable, "-m", "harness", "sweep", *grid]
+    assert subprocess.run([*cli, f"out_dir={tmp_path / 'whole'}"], cwd=ROOT, capture_output=True).returncode == 0
+    whole = _measured(tmp_path / "whole")
+    assert len(whole) == 3 and all(v[0] == "ok" for v in whole.values())
+
+    killed_in_write = subprocess.run([sys.executable, "-c", KILL_DURING_A_WRITE, "sweep", *grid,
+                                      f"out_dir={tmp_path / 'write'}"], cwd=ROOT, capture_output=True, timeout=600)
+    assert killed_in_write.returncode == -signal.SIGKILL
+    assert len(list((tmp_path / "write" / "runs").glob("*.json"))) == 1
+
+    point = subprocess.Popen([*cli, f"out_dir={tmp_path / 'point'}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((tmp_path / "point" / "runs").glob("*.json")) and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # inside the next point
+    point.send_signal(signal.SIGKILL)
+    point.wait(timeout=60)
+
+    for name in ("write", "point"):
+        rerun = subprocess.run([*cli, f"out_dir={tmp_path / name}"], cwd=ROOT, capture_output=True, text=True)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        assert _measured(tmp_path / name) == whole  # identical measurements: resumed exactly, and deterministic
+        leftovers = [p.name for p in (tmp_path / name).rglob("*") if p.suffix in (".tmp", ".lock")]
+        assert not leftovers, leftovers
+
+
+def test_a_writer_that_fails_on_a_full_disk_says_so_and_leaves_nothing(tmp_path, monkeypatch):
+    import shutil
+
+    import pytest
+
+    from harness import results
+
+    def torch_like_failure(f):
+        f.write("half")
+        raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    with pytest.raises(OSError, match="No space left on device while writing reference.pt") as raised:
+        results.write_atomic(tmp_path / "reference.pt", torch_like_failure)
+    assert raised.value.errno == 28 and not list(tmp_path.iterdir())
