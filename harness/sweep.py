@@ -134,10 +134,6 @@ def _validate_eval(ev: dict[str, Any]) -> None:
     for key in ("prompt_tokens", "decode_tokens", "repeats"):
         if not isinstance(ev["speed"].get(key), int) or ev["speed"][key] < 1:
             raise UserError(f"eval.speed.{key}={ev['speed'].get(key)!r} must be a positive integer")
-    long_tokens = ev["speed"].get("long_prompt_tokens")
-    if long_tokens is not None and (isinstance(long_tokens, bool) or not isinstance(long_tokens, int)
-                                    or long_tokens < 1):
-        raise UserError(f"eval.speed.long_prompt_tokens={long_tokens!r} must be a positive integer, or null")
     if ev["speed"]["prompt_tokens"] > ev["seqlen"]:
         raise UserError(f"eval.speed.prompt_tokens={ev['speed']['prompt_tokens']} is longer than eval.seqlen="
                         f"{ev['seqlen']} (the prompt is cut from an evaluation window): use at most {ev['seqlen']}")
@@ -358,31 +354,10 @@ class _Phases:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-def staged_on_cpu(point: Point) -> bool:
-    """A quantized point on a GPU starts from a copy in CPU memory and is quantized there block by block on the
-    GPU: the device never holds the unquantized model beside the quantized one (an 8B model: 16 GB less)."""
-    return point.device == "cuda" and not point.spec.is_baseline
-
-
-@contextmanager
-def _on_device(model: nn.Module, device: str, moved: bool):
-    """With `moved`, the model lives on `device` inside the block and back in CPU memory after it."""
-    if not moved:
-        yield
-        return
-    model.to(device)
-    try:
-        yield
-    finally:
-        model.to("cpu")
-        torch.cuda.empty_cache()
-
-
 def _evaluate(point: Point, phase: _Phases) -> dict[str, Any]:
     cfg, ev = point.cfg, point.cfg["eval"]
-    staged = staged_on_cpu(point)
     with phase("load"):
-        loaded = load_model(cfg["model"], point.dtype, "cpu" if staged else point.device, cfg["seed"])
+        loaded = load_model(cfg["model"], point.dtype, point.device, cfg["seed"])
         model, tokenizer = loaded.model, loaded.tokenizer
         texts = {name: data.tokenize(tokenizer, _corpus(cfg, name, "eval"), "eval", ev.get("bos", "none"))
                  for name in ev["corpora"]}
@@ -394,24 +369,20 @@ def _evaluate(point: Point, phase: _Phases) -> dict[str, Any]:
             plan_backends(point, model)
 
     if reference is None and not point.spec.is_baseline:
-        with phase("reference"), _on_device(model, point.device, staged):
+        with phase("reference"):
             reference, reference_nll = _reference_once(reference_path, model, windows, texts, ev["kl_topk"])
     with phase("task_setup"):
         task_folder, task_manager, task_sources = _prepare_tasks(ev, cfg)
-    samples_itself = point.needs_calibration and calibration.SELF in calibration.sources(cfg["calib"]["corpus"])
-    with phase("calibration"), _on_device(model, point.device, staged and samples_itself):
+    with phase("calibration"):
         calib, calib_info = _calibration(point, model, tokenizer)
 
-    with phase("quantize"), memory.PeakMemory(torch.device(point.device)) as quantize_peak:
+    with phase("quantize"):
         start = time.perf_counter()
-        quantizers.quantize(model, point.spec, calib, progress=True, device=point.device if staged else None)
-        model.to(point.device)  # the quantized model, evaluated where it is deployed
+        quantizers.quantize(model, point.spec, calib, progress=True)
         quant_time_s = time.perf_counter() - start
         kernels = quantizers.use_backend(model, point.backend)
 
     metrics: dict[str, float] = {"quant_time_s": quant_time_s}
-    if point.device == "cuda":  # the unquantized block being worked on, its activations, the quantized model
-        metrics["quantize_peak_mem_bytes"] = quantize_peak.peak_bytes
     per_sample: dict[str, list[float]] = {}
     # quality depends on the weights' values, not the kernel: where the kernels would dequantize at every
     # call, the many-token passes use the same values dequantized once
@@ -659,12 +630,5 @@ def _speed_metrics(model: nn.Module, window: Tensor, sp: dict[str, Any]) -> dict
     decode = speed.decode_times_s(model, prompt, sp["decode_tokens"], sp["repeats"], sp["warmup"])
     (prefill_tok_s, prefill_spread), (decode_tok_s, decode_spread) = (
         speed.rate_and_spread(prompt.numel(), prefill), speed.rate_and_spread(sp["decode_tokens"], decode))
-    out = {"prefill_tok_s": prefill_tok_s, "prefill_spread_pct": prefill_spread,
-           "decode_tok_s": decode_tok_s, "decode_spread_pct": decode_spread}
-    long_tokens = sp.get("long_prompt_tokens")
-    if long_tokens and next(model.parameters()).is_cuda:  # on a CPU, minutes a point: not timed there
-        long_prompt = window[:long_tokens]  # a whole evaluation window: the prefill of a long prompt
-        times = speed.prefill_times_s(model, long_prompt, sp["repeats"], sp["warmup"])
-        out["prefill_long_tok_s"], out["prefill_long_spread_pct"] = speed.rate_and_spread(long_prompt.numel(), times)
-        out["prefill_long_tokens"] = long_prompt.numel()
-    return out
+    return {"prefill_tok_s": prefill_tok_s, "prefill_spread_pct": prefill_spread,
+            "decode_tok_s": decode_tok_s, "decode_spread_pct": decode_spread}

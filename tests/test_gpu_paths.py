@@ -89,11 +89,3 @@ def test_parallel_points_on_a_machine_with_several_gpus_take_one_gpu_each(tmp_pa
         assert again == 0
     with gpu_slot(tmp_path, "cpu") as none:
         assert none is None
-
-
-def test_quantized_points_on_a_gpu_start_from_cpu_memory_and_the_baseline_does_not(fake_h100):
-    from harness.sweep import staged_on_cpu
-
-    assert staged_on_cpu(make_point(config("quant=gptq"))) and staged_on_cpu(make_point(config("quant=rtn")))
-    assert not staged_on_cpu(make_point(config("quant=fp16")))
-    assert not staged_on_cpu(make_point(config("quant=rtn", "device=cpu")))
