@@ -126,8 +126,6 @@ def generate(model: nn.Module, tokenizer, n: int, seqlen: int, seed: int, temper
     sequence starts from a token drawn uniformly from the vocabulary, continues with `greedy_tokens` most-likely
     tokens (a random first token alone leads nowhere), then samples from the model's distribution at
     `temperature`. Seeded: the same seed gives the same samples on the same device and dtype."""
-    from transformers import StaticCache
-
     device = next(model.parameters()).device
     vocab = _ordinary_tokens(tokenizer, model.config.vocab_size)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -138,12 +136,10 @@ def generate(model: nn.Module, tokenizer, n: int, seqlen: int, seed: int, temper
     for start in range(0, n, batch_size):
         rows = min(batch_size, n - start)
         ids = vocab[torch.randint(len(vocab), (rows, 1), generator=gen)].to(device)
-        # a cache allocated once: a growing one is copied whole at every step (hours for 64 × 2048 on a CPU)
-        past, step_input = StaticCache(config=model.config, max_cache_len=seqlen), ids
+        past, step_input = None, ids
         for t in range(1, seqlen):
-            result = model(input_ids=step_input, past_key_values=past, use_cache=True,
-                           cache_position=torch.tensor([t - 1], device=device))
-            logits = result.logits[:, -1].float()
+            result = model(input_ids=step_input, past_key_values=past, use_cache=True)
+            past, logits = result.past_key_values, result.logits[:, -1].float()
             if t <= greedy_tokens:
                 token = logits.argmax(-1, keepdim=True)
             else:
