@@ -59,12 +59,14 @@ class FinishSweep(Callback):
         from .results import load_records
 
         failed = [r for r in load_records(out_dir) if r.get("status") == "failed"]
-        mine = [r for r in failed if str(r.get("started_at", "")) >= SWEEP_STARTED_AT]
+        mine = [r for r in failed if str(r.get("started_at", "")) >= SWEEP_STARTED_AT
+                and (SWEEP_RUN_IDS is None or r["run_id"] in SWEEP_RUN_IDS)]
         print(f"report: {out_dir / 'report.md'} ({len(built['frame'])} points, {len(mine)} failed in this sweep)")
         if built["selection"]:
             print(f"verdict: {built['selection']['verdict']}")
         if len(failed) > len(mine):
-            print(f"note: {len(failed) - len(mine)} failed record(s) in {out_dir / 'runs'} are from earlier sweeps")
+            print(f"note: {len(failed) - len(mine)} failed record(s) in {out_dir / 'runs'} are not this sweep's "
+                  "(earlier sweeps, or another one in this folder)")
         for r in mine:
             error = r.get("error") or {}
             message = str(error.get("message", "")).splitlines()[0][:200] if error.get("message") else ""
@@ -85,6 +87,7 @@ def _die(message: str) -> None:
 
 
 SWEEP_STARTED_AT = ""  # when this command began (UTC, as records' started_at): its failures are the later ones
+SWEEP_RUN_IDS: set[str] | None = None  # this grid's points, where check_grid could expand it
 
 
 def _hydra(argv: list[str], multirun: bool) -> None:
@@ -145,11 +148,14 @@ def check_grid(argv: list[str], multirun: bool) -> list[str]:
     problems: dict[str, list[str]] = {}
     limits: dict[str, object] = {}
     checked: dict[str, object] = {}
+    global SWEEP_RUN_IDS
+    run_ids = SWEEP_RUN_IDS = set()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         for overrides in points:
             try:
                 cfg = OmegaConf.to_container(compose(config_name="sweep", overrides=overrides), resolve=True)
                 point = make_point(cfg)
+                run_ids.add(point.run_id)
                 check_against_model(point, _cached(limits, cfg["model"], model_limits, cfg["model"]))
                 _cached(checked, [cfg["eval"], cfg["out_dir"]], check_tasks, cfg)
             except UserError as e:

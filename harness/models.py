@@ -342,10 +342,10 @@ def _gguf_limits(path: Path) -> ModelLimits | None:
         fields = gguf.GGUFReader(str(path)).fields
         arch = bytes(fields["general.architecture"].parts[-1]).decode()
         value = lambda key: (int(fields[key].parts[-1][0]) if key in fields else None)  # noqa: E731
-    except Exception:  # a damaged file is named when it loads
+        widths = tuple(w for w in (value(f"{arch}.embedding_length"), value(f"{arch}.feed_forward_length")) if w)
+        return ModelLimits(value(f"{arch}.context_length"), widths)
+    except Exception:  # a damaged or unusual file is named when it loads
         return None
-    widths = tuple(w for w in (value(f"{arch}.embedding_length"), value(f"{arch}.feed_forward_length")) if w)
-    return ModelLimits(value(f"{arch}.context_length"), widths)
 
 
 def _tiny_config(overrides: dict[str, Any]):

@@ -32,7 +32,7 @@ def build(out_dir: Path, policy: dict[str, Any]) -> dict[str, Any]:
     else:  # no verdict now: an earlier one left in the folder would be read as this sweep's
         (out_dir / "selection.json").unlink(missing_ok=True)
         for png in (out_dir / "plots").glob("*.png"):
-            png.unlink()
+            png.unlink(missing_ok=True)
     pngs = plots.draw_all(selection, out_dir / "plots") if selection else []
     blocks = report_blocks(records, selection, pngs, out_dir) + warning_blocks(records, out_dir)
     results.write_text_atomic(out_dir / "report.md", to_markdown(blocks, out_dir))

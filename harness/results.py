@@ -45,8 +45,9 @@ def write_atomic(path: Path, write, binary: bool = False) -> None:
             write(f)
         os.replace(tmp, path)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if not isinstance(e, OSError) and isinstance(e, Exception) and _disk_full(path.parent):
+        full = not isinstance(e, OSError) and isinstance(e, Exception) and _disk_full(path.parent)  # before the
+        Path(tmp).unlink(missing_ok=True)  # temporary file that filled the disk is gone
+        if full:
             # torch.save reports a full disk as "unexpected pos": say what happened
             raise OSError(errno.ENOSPC, f"No space left on device while writing {path.name}", str(path)) from e
         raise

@@ -162,7 +162,7 @@ def check_tasks(cfg: dict[str, Any]) -> None:
     own = {*offline_tasks.TASKS, *(ev.get("task_data") or {}), *(ev.get("local_tasks") or {})}
     others = [t for t in ev.get("tasks") or [] if t not in own]
     if others:
-        tasks.check_task_names(others, tasks.task_manager(None))
+        tasks.check_task_names(others, tasks.task_manager(None), own)
 
 
 def check_against_model(point: Point, limits) -> None:
@@ -217,7 +217,7 @@ def _remove_leftovers(record: Path) -> None:
     no live one writes its record; a claim's temporary file names its process."""
     for tmp in record.parent.glob(f".{record.name}.*.tmp"):
         tmp.unlink(missing_ok=True)
-    for tmp in record.parent.glob(f".{record.stem}.lock.*.tmp"):
+    for tmp in record.parent.glob(f".{record.stem}.lock.{socket.gethostname()}.*.tmp"):  # this host's only
         pid = tmp.name.split(".")[-2]
         if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
@@ -262,7 +262,7 @@ def _claim(lock: Path):
     A claim whose process is gone is taken over."""
     lock.parent.mkdir(parents=True, exist_ok=True)
     me = f"pid {os.getpid()} on {socket.gethostname()}"
-    mine = lock.with_name(f".{lock.name}.{os.getpid()}.tmp")
+    mine = lock.with_name(f".{lock.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     mine.write_text(me)  # complete before it is published: a reader never sees a half-written claim
     try:
         for _ in range(2):

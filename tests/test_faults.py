@@ -195,6 +195,13 @@ def test_a_catastrophic_but_finite_point_is_measured_and_fails_the_bar_with_its_
     [exploded] = [p for p in judged.values() if not p["is_baseline"]]
     ppl = next(c for c in exploded["checks"] if c["name"] == "ppl/pydoc")
     assert not exploded["passed"] and not ppl["passed"] and "overflows" in ppl["reason"]
+    # with tasks and adaptive evaluation, the windows alone put it beyond the bar: measured, tasks skipped
+    adaptive = {**cfg, "out_dir": str(tmp_path / "adaptive"), "select": {**load_policy(), "max_ppl_increase_pct": 5.0},
+                "eval": {**cfg["eval"], "tasks": ["qb_arithmetic"], "task_limit": 4, "adaptive": True}}
+    run_point({**adaptive, "quant": {"method": "fp16"}})
+    stopped = run_point({**adaptive, "quant": {"method": "explode_for_test", "bits": 4, "group_size": 32,
+                                               "sym": False}})
+    assert stopped["status"] == "ok" and "ppl/pydoc increase" in stopped["stopped_early"], stopped.get("error")
 
 
 FLAKY_RTN = """
@@ -323,7 +330,11 @@ def test_a_writer_that_fails_on_a_full_disk_says_so_and_leaves_nothing(tmp_path,
         f.write("half")
         raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos 64 vs 0")
 
-    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    def disk_usage(folder):  # full while the half-written temporary file takes the space
+        free = 0 if list(tmp_path.glob(".*.tmp")) else 10**8
+        return shutil._ntuple_diskusage(10**9, 10**9 - free, free)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
     with pytest.raises(OSError, match="No space left on device while writing reference.pt") as raised:
         results.write_atomic(tmp_path / "reference.pt", torch_like_failure)
     assert raised.value.errno == 28 and not list(tmp_path.iterdir())

@@ -41,9 +41,9 @@ def lm_eval_yaml(name: str) -> Path | None:
     return None if entry is None or entry.yaml_path is None else Path(entry.yaml_path)
 
 
-def check_task_names(names: list[str], manager) -> None:
-    """An unknown task name lists the closest known names."""
-    known = set(manager.all_tasks)
+def check_task_names(names: list[str], manager, also_known: set[str] | frozenset = frozenset()) -> None:
+    """An unknown task name lists the closest known names (lm-eval's, and `also_known`)."""
+    known = set(manager.all_tasks) | set(also_known)
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.5)
