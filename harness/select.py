@@ -158,6 +158,9 @@ class _Judge:
         model, base_model = record.get("model", {}).get("name"), self.base.get("model", {}).get("name")
         if model != base_model:  # another model's windows are other tokens: nothing is paired
             return [{**_unpaired("model"), "reason": f"model {model} is not the baseline's ({base_model})"}]
+        if _model_settings(record) != _model_settings(self.base):  # e.g. another model.config of a random model
+            return [{**_unpaired("model"), "reason": f"model: its settings {_model_settings(record)} are not the "
+                                                    f"baseline's {_model_settings(self.base)}"}]
         differs = _differs(_setting(record), _setting(self.base), ("dtype", "device"))
         if differs:  # a bf16 point against a float32 baseline measures the dtype, not the quantization
             return [{**_unpaired("model"), "reason": f"model: {differs}"}]
@@ -175,6 +178,11 @@ class _Judge:
             kl = point.get(f"kl/{c}", [0.0] * len(nll) if record is self.base else None)  # zero only for itself
             if kl is None or len(kl) != len(nll):
                 out.append({**_unpaired(f"kl/{c}"), "reason": f"kl/{c} not measured for this point"})
+                continue
+            topk, base_topk = _kl_topk(record), _kl_topk(self.base)
+            if topk != base_topk:  # KL over the top-k is a lower bound that depends on k
+                out.append({**_unpaired(f"kl/{c}"), "reason": f"kl/{c}: not paired: kl_topk {topk} ≠ baseline's "
+                                                              f"{base_topk}"})
                 continue
             out.append(self._check(f"kl/{c}", "max_kl", c, stats.mean_value(kl, self.confidence), ""))
         drops, replicates = [], []
@@ -225,6 +233,16 @@ def _corpus(record: dict[str, Any], corpus: str) -> tuple:
     """What makes two records' windows the same: the text's hash, the window length and count."""
     d = record.get("data", {}).get("eval", {}).get(corpus, {})
     return d.get("sha256"), d.get("seqlen"), d.get("windows"), d.get("bos", False)
+
+
+def _model_settings(record: dict[str, Any]) -> dict[str, Any]:
+    """What else besides its name makes a model: its source and config overrides (a random model's shape)."""
+    cfg = record.get("config", {}).get("model") or {}
+    return {k: v for k, v in cfg.items() if k != "name"}
+
+
+def _kl_topk(record: dict[str, Any]) -> Any:
+    return record.get("config", {}).get("eval", {}).get("kl_topk")
 
 
 def _setting(record: dict[str, Any]) -> tuple:

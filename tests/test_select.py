@@ -109,6 +109,24 @@ def test_points_of_another_model_or_text_are_not_paired_with_the_baseline():
     assert "ppl/pydoc: not paired: other text than the baseline's" in point(s, "t")["reasons"][0]
 
 
+def test_another_config_of_a_model_another_kl_topk_or_a_missing_task_sample_is_not_paired():
+    def configured(r, model_config=None, kl_topk=64):
+        r["config"] = {"model": {"name": "tiny-llama", "source": "tiny", "config": model_config or {}},
+                       "eval": {"kl_topk": kl_topk}}
+        return r
+
+    no_task = configured(record("no_task", nbytes=240))
+    del no_task["per_sample"]["task/qa/acc"], no_task["per_sample"]["task/qa/acc_norm"]
+    records = [configured(baseline()), configured(record("wider", nbytes=200), {"hidden_size": 128}),
+               configured(record("topk", nbytes=220), kl_topk=16), no_task,
+               configured(record("w8", bits=8, nbytes=500))]
+    s = select(records, POLICY)
+    assert s["chosen"] == "w8"
+    assert "its settings" in point(s, "wider")["reasons"][0] and "hidden_size" in point(s, "wider")["reasons"][0]
+    assert "kl/pydoc: not paired: kl_topk 16 ≠ baseline's 64" in point(s, "topk")["reasons"]
+    assert any(r.startswith("task/qa") for r in point(s, "no_task")["reasons"]) and not point(s, "no_task")["passed"]
+
+
 def test_task_items_of_another_file_version_or_shots_are_not_paired_with_the_baseline():
     def with_items(r, sha, version=1.0, shots=0):
         r["data"] = {"tasks": {"qa": {"items_sha256": sha, "version": version, "n_shot": shots}}}
