@@ -16,7 +16,6 @@ tasks; for a point truly at the bar, each such check stops it with probability a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,8 +34,7 @@ def decided_fail(base_nll: Mapping[str, list[float]], point_nll: Mapping[str, li
         diffs = [p - b for p, b in zip(point_nll[corpus], base_nll[corpus], strict=True)]
         ppl_bar = threshold_for(policy, "max_ppl_increase_pct", corpus)
         if ppl_bar is not None:
-            lower = stats.mean_lower(diffs, confidence)
-            low = 100 * math.expm1(lower) if lower < 709 else math.inf  # a catastrophic point: beyond any bar
+            low = stats.increase_pct(stats.mean_lower(diffs, confidence))
             if low > ppl_bar:  # then select's own bound, the same mean's at a lower confidence, is beyond too
                 return f"ppl/{corpus} increase ≥ {low:+.3g}% at {confidence:.1%} > {ppl_bar}%"
         kl_bar = threshold_for(policy, "max_kl", corpus)

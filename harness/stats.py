@@ -8,6 +8,7 @@ pass. Bootstrap resampling (the same draws for every point, seeded) tells tied p
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,10 +51,14 @@ def _paired(base: Sequence[float], point: Sequence[float], what: str) -> np.ndar
     return p - b
 
 
+def increase_pct(nll_difference: float) -> float:
+    """Perplexity increase in percent for a mean NLL difference; +inf where a catastrophic point overflows exp."""
+    return math.inf if nll_difference >= 709 else 100 * math.expm1(nll_difference)  # NaN stays NaN
+
+
 def ppl_increase_pct(base_nll: Sequence[float], point_nll: Sequence[float], confidence: float) -> Bound:
     """Relative perplexity increase in percent, 100 (exp(mean NLL_point − mean NLL_base) − 1), paired per window."""
-    with np.errstate(over="ignore"):  # a catastrophic point's increase is +inf, and fails every bar
-        return _t_bound(_paired(base_nll, point_nll, "perplexity"), confidence, lambda x: 100 * np.expm1(x))
+    return _t_bound(_paired(base_nll, point_nll, "perplexity"), confidence, increase_pct)
 
 
 def mean_value(values: Sequence[float], confidence: float) -> Bound:

@@ -156,9 +156,8 @@ def check_tasks(cfg: dict[str, Any]) -> None:
         for name, where in (ev.get(key) or {}).items():
             if not Path(str(where)).expanduser().exists():
                 raise UserError(f"eval.{key}.{name}={where}: no such file or folder")
-            if key == "task_data" and task_data.family_of(name) is None:
-                raise UserError(f"eval.task_data: {name!r} is not a task with a known file layout; known: "
-                                f"{', '.join(task_data.KNOWN_TASKS)}")
+            if key == "task_data":
+                task_data.check_known(name)
     own = {*offline_tasks.TASKS, *(ev.get("task_data") or {}), *(ev.get("local_tasks") or {})}
     others = [t for t in ev.get("tasks") or [] if t not in own]
     if others:

@@ -133,6 +133,14 @@ def evaluated_split(lm_eval_yaml: Path) -> str:
     return config.get("test_split") or config.get("validation_split") or "test"
 
 
+def check_known(task: str, in_lm_eval: bool = True) -> None:
+    """Refuse a task whose benchmark files this module cannot convert (or that lm-eval does not define)."""
+    if not in_lm_eval or family_of(task) is None:
+        raise UserError(f"eval.task_data: {task!r} is not a task with a known file layout; known: "
+                        f"{', '.join(KNOWN_TASKS)} (any other lm-eval task reads its data from the Hugging Face "
+                        "cache through eval.tasks)")
+
+
 def family_of(task: str) -> str | None:
     if task in ("arc_easy", "arc_challenge"):
         return "arc"
@@ -262,10 +270,7 @@ def write_task(folder: Path, task: str, where: Path, yaml_of: Callable[[str], Pa
     if family_of(task) == "mmlu":
         return write_mmlu(folder, task, where, yaml_of)
     lm_eval_yaml = yaml_of(task)
-    if lm_eval_yaml is None or family_of(task) is None:
-        raise UserError(f"eval.task_data: {task!r} is not a task with a known file layout; known: "
-                        f"{', '.join(KNOWN_TASKS)} (any other lm-eval task reads its data from the Hugging Face "
-                        "cache through eval.tasks)")
+    check_known(task, lm_eval_yaml is not None)
     eval_split = evaluated_split(lm_eval_yaml)
     path = pick_file(task, where, eval_split)
     rows, layout = convert(task, path)
